@@ -1,0 +1,31 @@
+"""The interface every backend implements: a pool of KV-cache slots, prefill into a slot,
+decode one step for a batch of slots, free a slot."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    max_batch: int  # number of KV slots (sequences held at once)
+    max_context: int  # tokens per slot (prompt + generated)
+    vocab_size: int
+
+    def allocate(self) -> int:
+        """Reserve an empty KV slot and return its id; raises RuntimeError when none is free."""
+
+    def free(self, slot: int) -> None:
+        """Release a slot and its KV state."""
+
+    def seq_len(self, slot: int) -> int:
+        """Tokens currently held in the slot's KV cache."""
+
+    def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        """Append token_ids (1-D int) to the slot's KV cache; return float32 logits [vocab]
+        of the last position."""
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> np.ndarray:
+        """One decode step: token_ids[i] is appended to slots[i]. One forward for the whole
+        batch. Returns float32 logits [len(slots), vocab]."""

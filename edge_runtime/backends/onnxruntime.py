@@ -1,0 +1,128 @@
+"""ONNX Runtime backend: runs the built decoder with the KV cache held in one preallocated
+buffer per layer ([slots, kv_heads, max_context, head_dim]). Past and present are bound to
+the same buffer, so GroupQueryAttention appends new keys/values in place and no step copies
+the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..builder.spec import ModelSpec
+from ..errors import CheckpointError, ContextLengthExceeded
+from ..manifest import read_manifest
+
+# Tried in this order when the caller asks for "auto"; CPU is always the fallback.
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def choose_providers(requested: list[str] | None) -> list[str]:
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise RuntimeError(f"execution provider(s) {missing} not available (have {available})")
+        return requested
+    return [p for p in _GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    def __init__(
+        self,
+        model_dir: Path,
+        max_batch: int = 4,
+        max_context: int | None = None,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
+        model_dir = Path(model_dir)
+        manifest = read_manifest(model_dir)
+        if manifest is None:
+            raise CheckpointError(f"{model_dir}: not a built model (no readable manifest.json); run `edge-runtime build` first")
+        self.manifest = manifest
+        self.spec = ModelSpec.from_dict(manifest["spec"])
+        self.max_batch = max_batch
+        self.max_context = min(max_context or manifest["max_context"], manifest["max_context"])
+        self.vocab_size = self.spec.vocab_size
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_dir / manifest["model_file"]), options, providers=choose_providers(providers))
+        shape = (max_batch, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
+        # np.zeros maps lazily: pages become resident only as the cache fills.
+        self._cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.spec.num_layers)]
+        self._lens = [0] * max_batch
+        self._in_use = [False] * max_batch
+
+    # -- slots --------------------------------------------------------------------------
+
+    def allocate(self) -> int:
+        for slot, used in enumerate(self._in_use):  # lowest first keeps decode batches dense
+            if not used:
+                self._in_use[slot] = True
+                self._lens[slot] = 0
+                return slot
+        raise RuntimeError("no free KV slot")
+
+    def free(self, slot: int) -> None:
+        self._in_use[slot] = False
+        self._lens[slot] = 0
+
+    def seq_len(self, slot: int) -> int:
+        return self._lens[slot]
+
+    # -- forward ------------------------------------------------------------------------
+
+    def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        start, n = self._lens[slot], ids.shape[1]
+        if start + n > self.max_context:
+            raise ContextLengthExceeded(start + n, self.max_context)
+        logits = self._run(slice(slot, slot + 1), ids, np.array([start + n - 1], np.int32), np.array([n - 1]))
+        self._lens[slot] = start + n
+        return logits[0, 0]
+
+    def prefill_logits(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        """Like prefill, but logits [S, vocab] for every position (parity checks, logprobs)."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        start, n = self._lens[slot], ids.shape[1]
+        if start + n > self.max_context:
+            raise ContextLengthExceeded(start + n, self.max_context)
+        logits = self._run(slice(slot, slot + 1), ids, np.array([start + n - 1], np.int32), np.arange(n))
+        self._lens[slot] = start + n
+        return logits[0]
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> np.ndarray:
+        rows = max(slots) + 1
+        ids = np.zeros((rows, 1), np.int64)
+        # Rows not decoding this step run too (their batch rows must stay contiguous); they
+        # write one scratch entry just past their valid length, which their next token overwrites.
+        seqlens = np.minimum(np.array(self._lens[:rows], np.int32), self.max_context - 1)
+        for slot, tok in zip(slots, token_ids):
+            if self._lens[slot] >= self.max_context:
+                raise ContextLengthExceeded(self._lens[slot] + 1, self.max_context)
+            ids[slot, 0] = tok
+        logits = self._run(slice(0, rows), ids, seqlens, np.array([0]))
+        for slot in slots:
+            self._lens[slot] += 1
+        return logits[slots, 0]
+
+    def _run(self, rows: slice, ids: np.ndarray, seqlens_k: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("seqlens_k", seqlens_k)
+        binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, np.int32))
+        binding.bind_cpu_input("logits_index", logits_index.astype(np.int64))
+        binding.bind_output("logits")  # first, so it is output 0
+        for i, (k, v) in enumerate(self._cache):
+            k_val = ort.OrtValue.ortvalue_from_numpy(k[rows])
+            v_val = ort.OrtValue.ortvalue_from_numpy(v[rows])
+            binding.bind_ortvalue_input(f"past_key_values.{i}.key", k_val)
+            binding.bind_ortvalue_input(f"past_key_values.{i}.value", v_val)
+            binding.bind_ortvalue_output(f"present.{i}.key", k_val)
+            binding.bind_ortvalue_output(f"present.{i}.value", v_val)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()  # not copy_outputs_to_cpu: that copies the KV too

