@@ -90,6 +90,65 @@ class StopMatcher:
         return best
 
 
+class SequenceStream:
+    """One sequence's output side: samples each next token from logits, detokenizes, applies
+    stop tokens, stop strings and the token budget, and times it. Shared by the
+    single-sequence loop below and the continuous-batching scheduler."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_context: int) -> None:
+        self.start = time.perf_counter()
+        self.prompt_tokens = len(prompt_ids)
+        self._sampler = Sampler(params, vocab_size, prompt_ids)
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._matcher = StopMatcher(params.stop)
+        self._stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self._stop_ids.update(tokenizer.eos_token_ids)
+        # Prompt + completion must fit the context, so the last token sampled is never fed back.
+        self._budget = min(params.max_tokens, max_context - len(prompt_ids))
+        self.generated = 0
+        self.ttft = 0.0
+
+    def step(self, logits: np.ndarray) -> GenerationChunk:
+        """Sample the next token; the chunk's finish_reason is set when this ends the sequence."""
+        token, logprob = self._sampler.sample(logits)
+        self.generated += 1
+        if self.generated == 1:
+            self.ttft = time.perf_counter() - self.start
+        if token in self._stop_ids:  # its text is not part of the output
+            text, _ = self._drain()
+            return self.final(token, text, logprob, "stop")
+        text, stopped = self._matcher.push(self._decoder.push(token))
+        if stopped:
+            return self.final(token, text, logprob, "stop")
+        if self.generated >= self._budget:
+            rest, stopped = self._drain()
+            return self.final(token, text + rest, logprob, "stop" if stopped else "length")
+        return GenerationChunk(token, text, logprob)
+
+    def final(self, token: int, text: str, logprob: float | None, reason: str) -> GenerationChunk:
+        total = time.perf_counter() - self.start
+        n = self.generated
+        rate = (n - 1) / (total - self.ttft) if n > 1 and total > self.ttft else 0.0
+        usage = Usage(self.prompt_tokens, n)
+        return GenerationChunk(token, text, logprob, reason, usage, Timings(self.ttft, total, rate))
+
+    def _drain(self) -> tuple[str, bool]:
+        """Everything still held by the decoder and the stop matcher, at the end of output."""
+        text, stopped = self._matcher.push(self._decoder.flush())
+        return (text, True) if stopped else (text + self._matcher.flush(), False)
+
+
+def check_prompt(prompt_ids: list[int], vocab_size: int, max_context: int) -> None:
+    """Reject a prompt before any work is done for it."""
+    if not prompt_ids:
+        raise InvalidRequest("prompt", "must contain at least one token")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise InvalidRequest("prompt", f"token ids must be in [0, {vocab_size})")
+    if len(prompt_ids) >= max_context:
+        raise ContextLengthExceeded(len(prompt_ids), max_context)
+
+
 def generate(
     backend: Backend,
     tokenizer: Tokenizer,
@@ -101,12 +160,7 @@ def generate(
     """Stream the completion of prompt_ids. Bad input (empty prompt, ids outside the vocab,
     a prompt that leaves no room in the context) is raised here, before any slot is taken;
     the slot is taken on the first next() and always freed, also if the caller stops early."""
-    if not prompt_ids:
-        raise InvalidRequest("prompt", "must contain at least one token")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= backend.vocab_size:
-        raise InvalidRequest("prompt", f"token ids must be in [0, {backend.vocab_size})")
-    if len(prompt_ids) >= backend.max_context:
-        raise ContextLengthExceeded(len(prompt_ids), backend.max_context)
+    check_prompt(prompt_ids, backend.vocab_size, backend.max_context)
     if prefill_chunk < 1:
         raise ValueError("prefill_chunk must be >= 1")
     return _run(backend, tokenizer, list(prompt_ids), params, prefill_chunk)
@@ -119,46 +173,16 @@ def _run(
     params: SamplingParams,
     prefill_chunk: int,
 ) -> Iterator[GenerationChunk]:
-    start = time.perf_counter()
-    sampler = Sampler(params, backend.vocab_size, prompt_ids)
-    decoder = IncrementalDecoder(tokenizer)
-    matcher = StopMatcher(params.stop)
-    stop_ids = set(params.stop_token_ids)
-    if not params.ignore_eos:
-        stop_ids.update(tokenizer.eos_token_ids)
-    # Prompt + completion must fit the context, so the last token sampled is never fed back.
-    budget = min(params.max_tokens, backend.max_context - len(prompt_ids))
-    ttft = 0.0
-
-    def final(
-        token: int, text: str, logprob: float | None, reason: str, n: int
-    ) -> GenerationChunk:
-        total = time.perf_counter() - start
-        rate = (n - 1) / (total - ttft) if n > 1 and total > ttft else 0.0
-        usage = Usage(len(prompt_ids), n)
-        return GenerationChunk(token, text, logprob, reason, usage, Timings(ttft, total, rate))
-
+    stream = SequenceStream(tokenizer, prompt_ids, params, backend.vocab_size, backend.max_context)
     slot = backend.allocate()
     try:
         logits = _prefill(backend, slot, prompt_ids, prefill_chunk)
-        for n in range(1, budget + 1):
-            token, logprob = sampler.sample(logits)
-            if n == 1:
-                ttft = time.perf_counter() - start
-            if token in stop_ids:  # its text is not part of the output
-                text, _ = _drain(decoder, matcher)
-                yield final(token, text, logprob, "stop", n)
+        while True:
+            chunk = stream.step(logits)
+            yield chunk
+            if chunk.finish_reason:
                 return
-            text, stopped = matcher.push(decoder.push(token))
-            if stopped:
-                yield final(token, text, logprob, "stop", n)
-                return
-            if n == budget:
-                rest, stopped = _drain(decoder, matcher)
-                yield final(token, text + rest, logprob, "stop" if stopped else "length", n)
-                return
-            yield GenerationChunk(token, text, logprob)
-            logits = backend.decode([slot], [token])[0]
+            logits = backend.decode([slot], [chunk.token_id])[0]
     finally:
         backend.free(slot)
 
@@ -170,12 +194,6 @@ def _prefill(backend: Backend, slot: int, prompt_ids: list[int], chunk: int) -> 
     for i in range(0, len(ids), chunk):
         logits = backend.prefill(slot, ids[i : i + chunk])
     return logits
-
-
-def _drain(decoder: IncrementalDecoder, matcher: StopMatcher) -> tuple[str, bool]:
-    """Everything still held by the decoder and the stop matcher, at the end of output."""
-    text, stopped = matcher.push(decoder.flush())
-    return (text, True) if stopped else (text + matcher.flush(), False)
 
 
 def generate_text(

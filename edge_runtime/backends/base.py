@@ -29,3 +29,14 @@ class Backend(Protocol):
     def decode(self, slots: list[int], token_ids: list[int]) -> np.ndarray:
         """One decode step: token_ids[i] is appended to slots[i]. One forward for the whole
         batch. Returns float32 logits [len(slots), vocab]."""
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV state one token takes (all layers, keys and values)."""
+
+    def export_kv(self, slot: int, start: int, end: int) -> np.ndarray:
+        """A copy of the slot's KV state for positions [start, end):
+        [layers, 2, kv_heads, end - start, head_dim]."""
+
+    def import_kv(self, slot: int, kv: np.ndarray) -> None:
+        """Append KV state (as export_kv returns it) to the slot, as if those tokens had been
+        prefilled."""

@@ -74,6 +74,23 @@ class OnnxRuntimeBackend:
     def seq_len(self, slot: int) -> int:
         return self._lens[slot]
 
+    # -- KV state (prefix cache) ---------------------------------------------------------
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * 4
+
+    def export_kv(self, slot: int, start: int, end: int) -> np.ndarray:
+        return np.stack([np.stack([k[slot, :, start:end], v[slot, :, start:end]]) for k, v in self._cache])
+
+    def import_kv(self, slot: int, kv: np.ndarray) -> None:
+        start, n = self._lens[slot], kv.shape[3]
+        if start + n > self.max_context:
+            raise ContextLengthExceeded(start + n, self.max_context)
+        for (k, v), layer in zip(self._cache, kv):
+            k[slot, :, start : start + n] = layer[0]
+            v[slot, :, start : start + n] = layer[1]
+        self._lens[slot] = start + n
+
     # -- forward ------------------------------------------------------------------------
 
     def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
