@@ -56,6 +56,7 @@ class OnnxRuntimeBackend:
         self._cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.spec.num_layers)]
         self._lens = [0] * max_batch
         self._in_use = [False] * max_batch
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
     # -- slots --------------------------------------------------------------------------
 
@@ -128,18 +129,31 @@ class OnnxRuntimeBackend:
         return logits[slots, 0]
 
     def _run(self, rows: slice, ids: np.ndarray, seqlens_k: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
-        binding = self.session.io_binding()
+        binding = self._binding(rows)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("seqlens_k", seqlens_k)
         binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, np.int32))
         binding.bind_cpu_input("logits_index", logits_index.astype(np.int64))
-        binding.bind_output("logits")  # first, so it is output 0
-        for i, (k, v) in enumerate(self._cache):
-            k_val = ort.OrtValue.ortvalue_from_numpy(k[rows])
-            v_val = ort.OrtValue.ortvalue_from_numpy(v[rows])
-            binding.bind_ortvalue_input(f"past_key_values.{i}.key", k_val)
-            binding.bind_ortvalue_input(f"past_key_values.{i}.value", v_val)
-            binding.bind_ortvalue_output(f"present.{i}.key", k_val)
-            binding.bind_ortvalue_output(f"present.{i}.value", v_val)
+        binding.bind_output("logits")  # unallocated again: its shape changes between runs
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # not copy_outputs_to_cpu: that copies the KV too
+        # get_outputs()[0] is logits (bound first); copy_outputs_to_cpu would copy the KV too.
+        return np.array(binding.get_outputs()[0].numpy(), copy=True)
+
+    def _binding(self, rows: slice) -> ort.IOBinding:
+        """An IO binding with the KV buffers of these rows bound as past and present (the same
+        memory), made once per row range: rebinding 2 x layers tensors every step costs more
+        than a small model's attention."""
+        key = (rows.start, rows.stop)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self.session.io_binding()
+            binding.bind_output("logits")
+            for i, (k, v) in enumerate(self._cache):
+                k_val = ort.OrtValue.ortvalue_from_numpy(k[rows])
+                v_val = ort.OrtValue.ortvalue_from_numpy(v[rows])
+                binding.bind_ortvalue_input(f"past_key_values.{i}.key", k_val)
+                binding.bind_ortvalue_input(f"past_key_values.{i}.value", v_val)
+                binding.bind_ortvalue_output(f"present.{i}.key", k_val)
+                binding.bind_ortvalue_output(f"present.{i}.value", v_val)
+            self._bindings[key] = binding
+        return binding

