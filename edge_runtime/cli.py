@@ -1,4 +1,4 @@
-"""`edge-runtime` command line: build, generate, chat."""
+"""`edge-runtime` command line: build, generate, chat, serve."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from pathlib import Path
 from .builder.build import DEFAULT_INT8_FORM, BuildOptions, build
 from .builder.quantize import INT8_FORMS
 from .builder.spec import ARCHITECTURES
+from .config import LOG_LEVELS, load_config
 from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
+
+_SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "queue_size", "prefix_cache_mb", "grace_s", "log_level")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat with the model's chat template (end with Ctrl-D or /exit)")
     c.add_argument("--system", help="system message")
     _add_model_args(c)
+
+    s = sub.add_parser("serve", help="run the engine daemon on a Unix socket (see docs/engine-protocol.md)")
+    s.add_argument("--config", type=Path, help="TOML config file ([engine] table; default /etc/edge-runtime/config.toml if present)")
+    s.add_argument("--model", help="recipe name, built model directory, GGUF file or HF checkpoint directory")
+    s.add_argument("--socket", dest="socket_path", help="Unix socket path")
+    s.add_argument("--max-batch", type=int)
+    s.add_argument("--max-context", type=int)
+    s.add_argument("--threads", type=int)
+    s.add_argument("--queue-size", type=int)
+    s.add_argument("--prefix-cache-mb", type=float)
+    s.add_argument("--grace", dest="grace_s", type=float, help="seconds running streams may finish after SIGTERM")
+    s.add_argument("--log-level", choices=LOG_LEVELS)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    overrides = {key: getattr(args, key) for key in _SERVE_OVERRIDES}
+    return serve(load_config(args.config).with_overrides(**overrides))
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -103,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             _sampling(args)  # validate before loading the model
             _stream(_load(args).complete(args.prompt, _sampling(args)))
             print()
+        elif args.command == "serve":
+            return _serve(args)
         else:
             _chat(args)
     except EdgeRuntimeError as exc:

@@ -206,10 +206,12 @@ class Scheduler:
                 self._end_cancelled_and_late()
                 if self._stop and not self._running and not self._queue:
                     return
-                self._admit()
+                admitted = self._admit()
                 if not self._running:
                     self._wake.wait(timeout=0.5)
                     continue
+            for seq in admitted:  # outside the lock: copying cached KV takes a few ms
+                self._place(seq)
             self._step()
 
     def _end_cancelled_and_late(self) -> None:
@@ -222,21 +224,27 @@ class Scheduler:
                 self._finish(seq, "deadline", "deadline passed before the request finished")
         self._cancel.clear()
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[_Sequence]:
+        """Move queued requests into the batch while slots are free (lock held)."""
+        admitted = []
         while self._queue and len(self._running) < self.backend.max_batch:
             seq = self._queue.popleft()
             seq.slot = self.backend.allocate()
             seq.admitted_at = time.monotonic()
-            ids = seq.request.prompt_ids
-            start = 0
-            if self.prefix_cache:
-                blocks = self.prefix_cache.lookup(ids)
-                if blocks:
-                    self.backend.import_kv(seq.slot, np.concatenate(blocks, axis=3))
-                    seq.cached_blocks = len(blocks)
-                    start = len(blocks) * self.prefix_cache.block
-            seq.pending = np.asarray(ids[start:], dtype=np.int64)
+            seq.pending = np.asarray(seq.request.prompt_ids, dtype=np.int64)
             self._running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _place(self, seq: _Sequence) -> None:
+        """Start a newly admitted sequence from the longest cached prefix of its prompt."""
+        if not self.prefix_cache:
+            return
+        blocks = self.prefix_cache.lookup(seq.request.prompt_ids)
+        if blocks:
+            self.backend.import_kv(seq.slot, np.concatenate(blocks, axis=3))
+            seq.cached_blocks = len(blocks)
+            seq.pending = seq.pending[len(blocks) * self.prefix_cache.block :]
 
     def _step(self) -> None:
         """One prefill chunk (for the oldest newcomer), then one decode step for the batch."""

@@ -1,0 +1,79 @@
+"""The engine daemon's config: the [engine] table, its validation, overrides, socket path."""
+
+from pathlib import Path
+
+import pytest
+
+from edge_runtime import config as config_module
+from edge_runtime.config import ConfigError, EngineConfig, default_socket_path, load_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_reads_engine_table_and_ignores_other_tables(tmp_path):
+    path = _write(tmp_path, """
+[engine]
+model = "glm-edge"
+max_batch = 8
+prefix_cache_mb = 64
+warmup_prompts = ["Be brief.", { system = "You are a thermostat." }]
+grace_s = 5
+
+[proxy]
+port = 8080
+""")
+    cfg = load_config(path)
+    assert (cfg.model, cfg.max_batch, cfg.prefix_cache_mb, cfg.grace_s) == ("glm-edge", 8, 64, 5)
+    assert cfg.warmup_prompts == ("Be brief.", {"system": "You are a thermostat."})
+    assert cfg.queue_size == EngineConfig().queue_size
+
+
+def test_defaults_without_a_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert load_config() == EngineConfig()
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[engine]\nmax_bach = 2", "unknown key 'max_bach'"),
+        ("[engine]\nmax_batch = \"2\"", "max_batch: must be an integer"),
+        ("[engine]\nmax_batch = true", "max_batch: must be an integer"),
+        ("[engine]\nmax_batch = 0", "max_batch: must be in [1, 1024]"),
+        ("[engine]\ngrace_s = -1", "grace_s: must be >= 0"),
+        ("[engine]\nlog_level = \"loud\"", "log_level: must be one of"),
+        ("[engine]\nwarmup_prompts = [3]", "warmup_prompts[0]"),
+        ("[engine]\nwarmup_prompts = [{ user = \"x\" }]", "warmup_prompts[0]"),
+        ("[engine]\nmax_frame_bytes = 10", "max_frame_bytes"),
+        ("engine = 3", "engine must be a table"),
+        ("[engine\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, fragment):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_overrides_win_and_are_validated():
+    cfg = EngineConfig(max_batch=2).with_overrides(max_batch=6, model=None)
+    assert cfg.max_batch == 6 and cfg.model is None
+    with pytest.raises(ConfigError, match="queue_size"):
+        cfg.with_overrides(queue_size=0)
+
+
+def test_default_socket_path(monkeypatch):
+    for name in ("RUNTIME_DIRECTORY", "INVOCATION_ID", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert str(default_socket_path()).startswith("/tmp/edge-runtime-")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_socket_path() == Path("/run/user/1000/edge-runtime/engine.sock")
+    monkeypatch.setenv("INVOCATION_ID", "abc")
+    assert default_socket_path() == Path("/run/edge-runtime/engine.sock")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/edge-runtime-x")
+    assert default_socket_path() == Path("/run/edge-runtime-x/engine.sock")
