@@ -15,8 +15,8 @@ from .tokenizer import Tokenizer
 class LocalModel:
     def __init__(self, model_dir: Path, max_batch: int = 1, max_context: int | None = None, threads: int | None = None) -> None:
         self.model_dir = Path(model_dir)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)  # first: see OnnxRuntimeBackend
         self.backend = OnnxRuntimeBackend(self.model_dir, max_batch=max_batch, max_context=max_context, threads=threads)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
 
     def complete(self, prompt: str, params: SamplingParams) -> Iterator[GenerationChunk]:
         """Plain completion of the text (no chat template)."""

@@ -443,8 +443,8 @@ def serve(config: EngineConfig) -> int:
     prepare_socket_path(socket_path)  # fail before the slow part if another engine is live
     notify("STATUS=loading model")
     model_dir = resolve_model(config.model, quiet=True)
+    tokenizer = Tokenizer.from_dir(model_dir)  # first: see OnnxRuntimeBackend
     backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads)
-    tokenizer = Tokenizer.from_dir(model_dir)
     info = model_info(config.model, model_dir, backend, tokenizer)
     log.info("model loaded", extra={"model": info["id"], "dir": str(model_dir), "max_batch": backend.max_batch})
     scheduler = Scheduler(

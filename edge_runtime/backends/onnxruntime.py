@@ -13,6 +13,7 @@ import onnxruntime as ort
 from ..builder.spec import ModelSpec
 from ..errors import CheckpointError, ContextLengthExceeded
 from ..manifest import read_manifest
+from ..memory import release_free_heap
 
 # Tried in this order when the caller asks for "auto"; CPU is always the fallback.
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -46,6 +47,7 @@ class OnnxRuntimeBackend:
         self.max_batch = max_batch
         self.max_context = min(max_context or manifest["max_context"], manifest["max_context"])
         self.vocab_size = self.spec.vocab_size
+        release_free_heap()  # what loading the tokenizer left behind: keeps peak RSS down
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
