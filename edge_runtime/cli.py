@@ -1,4 +1,4 @@
-"""`edge-runtime` command line: build, generate, chat, serve."""
+"""`edge-runtime` command line: build, generate, chat, serve, up."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix-cache-mb", type=float)
     s.add_argument("--grace", dest="grace_s", type=float, help="seconds running streams may finish after SIGTERM")
     s.add_argument("--log-level", choices=LOG_LEVELS)
+
+    u = sub.add_parser("up", help="run the engine daemon and the sidecar (OpenAI-compatible HTTP API) together until Ctrl-C")
+    u.add_argument("--host", help="address the sidecar listens on (default 127.0.0.1)")
+    u.add_argument("--port", type=int, help="port the sidecar listens on (default 8080)")
+    u.add_argument("--model", help="recipe name, built model directory, GGUF file or HF checkpoint directory")
+    u.add_argument("--config", type=Path, help="TOML config file ([engine] and [proxy] tables)")
     return parser
 
 
@@ -127,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             print()
         elif args.command == "serve":
             return _serve(args)
+        elif args.command == "up":
+            from proxy.stack import up
+
+            return up(args.config, args.host, args.port, args.model)
         else:
             _chat(args)
     except EdgeRuntimeError as exc:

@@ -44,7 +44,7 @@ class EngineClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame_bytes: int) -> None:
         self._reader = reader
         self._writer = writer
-        self._max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max_frame_bytes  # may be set to the engine's limit, which its status reports
         # id -> its frames; None marks a stream given up by its caller, awaiting its last frame.
         self._queues: dict[str, asyncio.Queue[dict[str, Any] | EngineError] | None] = {}
         self._ids = itertools.count(1)
@@ -119,6 +119,15 @@ class EngineClient:
     async def models(self) -> list[dict[str, Any]]:
         return (await self._ask("models"))["models"]
 
+    @property
+    def closed(self) -> bool:
+        """True once the connection is gone: every later call raises EngineError."""
+        return self._lost is not None
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is gone (closed by either side); never raises."""
+        await asyncio.wait([self._reader_task])
+
     async def close(self) -> None:
         self._writer.close()
         try:
@@ -146,8 +155,8 @@ class EngineClient:
         if self._lost is not None:
             raise EngineError(self._lost.code, self._lost.message)
         data = encode_frame(frame)
-        if len(data) - 4 > self._max_frame_bytes:
-            raise EngineError(FRAME_TOO_LARGE, f"request of {len(data) - 4} bytes exceeds the limit of {self._max_frame_bytes} bytes")
+        if len(data) - 4 > self.max_frame_bytes:
+            raise EngineError(FRAME_TOO_LARGE, f"request of {len(data) - 4} bytes exceeds the limit of {self.max_frame_bytes} bytes")
         try:
             self._writer.write(data)
             await self._writer.drain()

@@ -16,6 +16,8 @@ from edge_runtime.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# Temperatures this small are greedy: dividing float32 logits by them would overflow.
+_GREEDY_BELOW = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # accept both signed and unsigned 64-bit seeds
 _NUCLEUS_WINDOW = 64  # first guess at how many top tokens hold the top_p mass
 _CDF_BLOCK = 256  # block size of the two-level inverse CDF
@@ -45,9 +47,8 @@ class SamplingParams:
         self.top_k = _int("top_k", self.top_k, lo=0)
         self.temperature = _float("temperature", self.temperature, 0.0, 2.0)
         self.top_p = _float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        self.repetition_penalty = _float(
-            "repetition_penalty", self.repetition_penalty, 0.0, math.inf, lo_open=True
-        )
+        # Bounded so that logits divided or multiplied by it stay finite in float32.
+        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, 0.01, 100.0)
         self.presence_penalty = _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
@@ -164,7 +165,7 @@ class Sampler:
         logprob being the model's (log-softmax of the raw logits) when params.logprobs is
         set, else None."""
         x = self.penalize(logits)
-        if self.params.temperature == 0.0:
+        if self.params.temperature < _GREEDY_BELOW:
             token = int(np.argmax(x))
         else:
             token = self._draw(x)

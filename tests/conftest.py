@@ -81,3 +81,11 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory):
     """{arch: (checkpoint_dir, reference_model)} for every supported architecture."""
     root = tmp_path_factory.mktemp("ckpt")
     return {arch: (root / arch, make_tiny_checkpoint(root / arch, arch)) for arch in ("llama", "qwen2", "glm", "glm4")}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama checkpoint built into an INT8 ONNX model directory (256-token context)."""
+    from edge_runtime.builder.build import BuildOptions, build
+
+    return build(tiny_checkpoints["llama"][0], tmp_path_factory.mktemp("tiny-model") / "tiny", BuildOptions(), quiet=True)

@@ -1,0 +1,226 @@
+"""The sidecar's aiohttp application: routes, the middleware that stamps, measures and turns
+every failure into an OpenAI error body, the guards in front of /v1 (key, rate limit, content
+type, body size), and the operations endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .auth import KeyChecker
+from .cache import ResponseCache
+from .config import ProxyConfig
+from .engine import EngineLink
+from .errors import JSON_CONTENT, SERVER, ApiError, from_http, invalid, status_error
+from .generation import Generator
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .openai_api import parse_chat, parse_completion
+from .openapi import document
+from .ratelimit import RateLimiter
+from .request_state import CLIENT, KEY_ID, REQUEST_ID, SERVED_BY, START
+
+log = logging.getLogger("proxy.app")
+
+SIDECAR = web.AppKey("sidecar", "Sidecar")
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
+_HEALTHY = b'{"status":"ok"}'
+_READY_RETRY_AFTER = {"Retry-After": "1"}
+
+
+class Sidecar:
+    """The state one application serves from; its methods are the handlers."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.link = EngineLink(config.resolved_engine_socket())
+        self.keys = KeyChecker(config.api_keys)
+        self.limiter = RateLimiter(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min)
+        self.metrics = Metrics()
+        self.cache = ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s) if config.cache_enabled else None
+        self.generator = Generator(self.link, self.cache, self.metrics, self.limiter, config.model_aliases, config.request_timeout_s)
+        self.openapi = json.dumps(document(config, self.keys.enabled)).encode()
+        self.started = int(time.time())
+
+    # -- middleware and guards ------------------------------------------------------------
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        request_id = request.headers.get("x-request-id")
+        if request_id is None or not _VALID_REQUEST_ID(request_id):
+            request_id = secrets.token_hex(16)
+        request[REQUEST_ID] = request_id
+        request[SERVED_BY] = "local"
+        request[START] = start = time.perf_counter()
+        status = 500
+        self.metrics.in_flight.inc()
+        try:
+            try:
+                response = await handler(request)
+            except ApiError as exc:
+                response = exc.response()
+            except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
+                response = from_http(exc).response()
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away; the engine's work was cancelled on the way out
+            raise
+        except Exception:
+            log.exception("request failed", extra={"request_id": request_id})
+            return ApiError(500, "internal error", type=SERVER, code="internal_error").response()
+        finally:
+            self.metrics.in_flight.dec()
+            resource = request.match_info.route.resource
+            self.metrics.observe_request(resource.canonical if resource is not None else "unmatched", status,
+                                         time.perf_counter() - start)
+
+    def admit(self, request: web.Request) -> None:
+        """API key and rate limit: raise the 401 or 429 ApiError."""
+        if self.keys.enabled:
+            client = request[KEY_ID] = self.keys.check(request.headers.get("Authorization"))
+        else:
+            client = request.remote or "-"
+        request[CLIENT] = client
+        if self.limiter.enabled:
+            self.limiter.admit(client)
+
+    async def json_body(self, request: web.Request) -> dict[str, Any]:
+        if request.content_type != JSON_CONTENT:
+            raise status_error(415, f"Content-Type must be application/json, got {request.content_type!r}")
+        if request.content_length is not None and request.content_length > self.config.max_body_bytes:
+            raise status_error(413, f"request body of {request.content_length} bytes exceeds the limit of {self.config.max_body_bytes} bytes")
+        raw = await request.read()  # past client_max_size aiohttp raises its 413
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise invalid(None, "request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise invalid(None, "request body must be a JSON object", code="invalid_json")
+        return body
+
+    # -- /v1 --------------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self.admit(request)
+        body = await self.json_body(request)
+        req = parse_chat(body, self.config.max_messages, self.config.max_prompt_chars)
+        return await self.generator.respond(request, req)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.admit(request)
+        body = await self.json_body(request)
+        req = parse_completion(body, self.config.max_prompt_chars)
+        return await self.generator.respond(request, req)
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.admit(request)
+        names = await self._model_names()
+        return _json({"object": "list", "data": [self._model(n) for n in names]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        self.admit(request)
+        name = request.match_info["model"]
+        if name not in await self._model_names():
+            raise ApiError(404, f"model {name!r} does not exist; see /v1/models", param="model", code="model_not_found")
+        return _json(self._model(name))
+
+    async def _model_names(self) -> list[str]:
+        if self.link.model is None:
+            await self.link.client()  # learns the model on connecting, or raises 503
+        return [self.link.model["id"], *self.config.model_aliases]
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "edge-runtime"}
+
+    # -- operations -------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(body=_HEALTHY, content_type=JSON_CONTENT)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        status = await self.link.status()
+        self.metrics.set_engine_status(status)
+        if status is None:
+            return _json({"status": "unavailable", "reason": "the engine is unreachable"}, 503, _READY_RETRY_AFTER)
+        if status.get("shutting_down"):
+            return _json({"status": "unavailable", "reason": "the engine is shutting down"}, 503, _READY_RETRY_AFTER)
+        model = status.get("model") or {}
+        if not model.get("id"):
+            return _json({"status": "unavailable", "reason": "the engine has no model loaded"}, 503, _READY_RETRY_AFTER)
+        return _json({"status": "ready", "model": model["id"], "queue_depth": status.get("queue_depth", 0),
+                      "running": status.get("running", 0)})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        self.metrics.set_engine_status(await self.link.status(timeout_s=0.5))
+        if self.cache is not None:
+            self.metrics.cache_entries.set(len(self.cache))
+            self.metrics.cache_bytes.set(self.cache.bytes)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.openapi, content_type=JSON_CONTENT)
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(obj).encode(), status=status, content_type=JSON_CONTENT, headers=headers)
+
+
+async def _stamp(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Every answer, errors and streams included, says its request id and where it was served."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is None:  # answered before the middleware ran (a malformed HTTP request)
+        request_id = request[REQUEST_ID] = secrets.token_hex(16)
+    response.headers["x-request-id"] = request_id
+    response.headers["x-served-by"] = request.get(SERVED_BY, "local")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One JSON line per request (the root logger's JsonFormatter renders the fields)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("request", extra={
+            "request_id": request.get(REQUEST_ID), "method": request.method, "path": request.path,
+            "status": response.status, "duration_ms": round(time * 1000, 3), "served_by": request.get(SERVED_BY),
+            "key_id": request.get(KEY_ID), "remote": request.remote, "bytes": response.body_length,
+        })
+
+
+def build_app(config: ProxyConfig) -> web.Application:
+    sidecar = Sidecar(config)
+    app = web.Application(middlewares=[sidecar.guard], client_max_size=config.max_body_bytes)
+    app[SIDECAR] = sidecar
+    app.router.add_post("/v1/chat/completions", sidecar.chat_completions)
+    app.router.add_post("/v1/completions", sidecar.completions)
+    app.router.add_get("/v1/models", sidecar.models)
+    app.router.add_get("/v1/models/{model}", sidecar.model)
+    app.router.add_get("/healthz", sidecar.healthz)
+    app.router.add_get("/readyz", sidecar.readyz)
+    app.router.add_get("/metrics", sidecar.metrics_text)
+    app.router.add_get("/openapi.json", sidecar.openapi_json)
+    app.on_response_prepare.append(_stamp)
+
+    async def engine_link(app: web.Application):
+        sidecar.link.start()
+        yield
+        await sidecar.link.close()
+
+    app.cleanup_ctx.append(engine_link)
+    return app
+
+
+def make_runner(app: web.Application, config: ProxyConfig) -> web.AppRunner:
+    """Handlers are cancelled when their client disconnects: that is what cancels engine work
+    for a client gone mid-request. Requests in flight get grace_s to finish on shutdown."""
+    return web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=config.grace_s, access_log_class=AccessLogger,
+        access_log=logging.getLogger("proxy.access") if config.access_log else None,
+    )

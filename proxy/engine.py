@@ -1,0 +1,125 @@
+"""The sidecar's link to the engine daemon: one long-lived EngineClient connection, multiplexing
+every request, re-established with backoff when it drops. A request that finds the engine down
+triggers an immediate attempt and waits for it only briefly, so it is answered 503 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.client import EngineClient, EngineError
+
+from .errors import ApiError, unavailable
+
+log = logging.getLogger("proxy.engine")
+
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 2.0
+CONNECT_TIMEOUT_S = 2.0  # connecting plus the first status and models answers
+REQUEST_WAIT_S = 0.5  # how long a request waits for a connection attempt it triggered
+RETRY_GAP_S = 0.1  # requests arriving this soon after a failed attempt do not trigger another
+
+
+class EngineLink:
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.model: dict[str, Any] | None = None  # the engine's model, as its `models` answer said; kept while down
+        self._client: EngineClient | None = None
+        self._attempts = 0  # connection attempts finished, successful or not
+        self._last_failure = float("-inf")  # loop time of the last failed attempt
+        self._kick = asyncio.Event()
+        self._changed = asyncio.Event()  # pulsed (set, then replaced) whenever the state changes
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def client(self) -> EngineClient:
+        """The connected client; raises the 503 ApiError when the engine cannot be reached now."""
+        client = self._client
+        if client is not None and not client.closed:
+            return client
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_failure < RETRY_GAP_S:
+            raise unavailable("the engine is unreachable", 1.0)
+        attempt = self._attempts
+        self._kick.set()
+        try:
+            async with asyncio.timeout(REQUEST_WAIT_S):
+                while True:
+                    changed = self._changed
+                    await changed.wait()
+                    client = self._client
+                    if client is not None and not client.closed:
+                        return client
+                    if self._attempts != attempt:
+                        break
+        except TimeoutError:
+            pass
+        raise unavailable("the engine is unreachable", 1.0)
+
+    async def status(self, timeout_s: float = 1.0) -> dict[str, Any] | None:
+        """The engine's status answer, or None when it is unreachable or does not answer in time."""
+        try:
+            client = await self.client()
+            return await asyncio.wait_for(client.status(), timeout_s)
+        except (ApiError, EngineError, TimeoutError):
+            return None
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN_S
+        reported_down = False
+        loop = asyncio.get_running_loop()
+        while True:
+            self._kick.clear()
+            try:
+                client = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
+            except (OSError, EngineError, TimeoutError, KeyError, IndexError) as exc:
+                self._attempts += 1
+                self._last_failure = loop.time()
+                self._pulse()
+                if not reported_down:
+                    log.warning("engine unreachable; retrying", extra={"socket": str(self.socket_path), "error": str(exc) or type(exc).__name__})
+                    reported_down = True
+                try:
+                    await asyncio.wait_for(self._kick.wait(), backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            self._client = client
+            self._attempts += 1
+            self._pulse()
+            backoff, reported_down = BACKOFF_MIN_S, False
+            log.info("engine connected", extra={"socket": str(self.socket_path), "model": (self.model or {}).get("id")})
+            await client.wait_closed()
+            self._client = None
+            self._pulse()
+            log.warning("engine connection lost; reconnecting", extra={"socket": str(self.socket_path)})
+            await client.close()
+
+    async def _connect(self) -> EngineClient:
+        client = await EngineClient.connect(self.socket_path)
+        try:
+            status = await client.status()
+            models = await client.models()
+        except BaseException:
+            await client.close()
+            raise
+        client.max_frame_bytes = int(status.get("max_frame_bytes", client.max_frame_bytes))
+        self.model = models[0]
+        return client

@@ -1,0 +1,111 @@
+"""The sidecar's commands as processes: `edge-proxy` as systemd runs it (READY=1 once listening,
+SIGTERM exits 0), and `edge-runtime up` as a user runs it: both processes start, /readyz answers
+200, a completion works, and SIGINT (Ctrl-C) stops both, with exit status 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def test_edge_proxy_notifies_systemd_and_stops_on_sigterm():
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="eu-", dir="/tmp") as d, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(f"{d}/notify.sock")
+        notify.settimeout(30)
+        env = {**os.environ, "NOTIFY_SOCKET": f"{d}/notify.sock", "WATCHDOG_USEC": "200000"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.main", "--port", str(port), "--engine-socket", f"{d}/no-engine.sock"],
+            env=env, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            messages = [notify.recv(4096).decode()]
+            assert "READY=1" in messages[0].split("\n")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+                assert answer.status == 200
+            messages.append(notify.recv(4096).decode())
+            assert messages[-1] == "WATCHDOG=1"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            while "STOPPING=1" not in messages[-1]:
+                messages.append(notify.recv(4096).decode())
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            stderr = proc.communicate()[1]
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(entry["msg"] == "listening" and entry["url"] == f"http://127.0.0.1:{port}" for entry in logs), stderr
+
+
+def test_up_starts_both_serves_and_stops_on_sigint(tiny_model_dir):
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="eu-", dir="/tmp") as d:
+        config = Path(d) / "config.toml"
+        config.write_text(f'[engine]\nsocket_path = "{d}/engine.sock"\nmax_batch = 1\n\n[proxy]\nmodel_aliases = ["tiny"]\n')
+        log = open(Path(d) / "stderr.log", "w+")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_runtime.cli", "up", "--config", str(config), "--port", str(port),
+             "--model", str(tiny_model_dir)],
+            stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            banner = proc.stdout.readline()
+            curl = proc.stdout.readline()
+            assert f"http://127.0.0.1:{port}/v1" in banner, (banner, log.seek(0), log.read())
+            assert curl.strip().startswith(f"curl http://127.0.0.1:{port}/v1/chat/completions")
+            children = psutil.Process(proc.pid).children()
+            assert len(children) == 2
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+                assert answer.status == 200
+            completion = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                               {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5})
+            assert completion["choices"][0]["finish_reason"] in ("stop", "length")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0
+            gone, alive = psutil.wait_procs(children, timeout=10)
+            assert not alive
+            assert not (Path(d) / "engine.sock").exists()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            log.close()
+
+
+def test_up_stops_the_other_when_one_dies(tiny_model_dir):
+    with tempfile.TemporaryDirectory(prefix="eu-", dir="/tmp") as d, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]  # the sidecar cannot listen here
+        config = Path(d) / "config.toml"
+        config.write_text(f'[engine]\nsocket_path = "{d}/engine.sock"\n')
+        result = subprocess.run(
+            [sys.executable, "-m", "edge_runtime.cli", "up", "--config", str(config), "--port", str(port),
+             "--model", str(tiny_model_dir)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "the sidecar exited with status 2" in result.stderr and "cannot listen" in result.stderr
+        assert not (Path(d) / "engine.sock").exists()  # the engine was stopped too
