@@ -89,3 +89,30 @@ def tiny_model_dir(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -
     from edge_runtime.builder.build import BuildOptions, build
 
     return build(tiny_checkpoints["llama"][0], tmp_path_factory.mktemp("tiny-model") / "tiny", BuildOptions(), quiet=True)
+
+
+@pytest.fixture
+def mqtt_broker(tmp_path: Path):
+    """Start private Mosquitto brokers: `mqtt_broker(persistence=False, extra=())` returns a
+    started tests/mqtt_harness.Broker on a free loopback port; all are stopped after the test."""
+    from mqtt_harness import Broker, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    brokers: list[Broker] = []
+
+    def start(persistence: bool = False, extra: tuple[str, ...] = ()) -> Broker:
+        broker = Broker(tmp_path / f"broker{len(brokers)}", persistence=persistence, extra=extra)
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    yield start
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(mqtt_broker):
+    """A private Mosquitto broker (no persistence) on a free loopback port."""
+    return mqtt_broker()

@@ -1,0 +1,156 @@
+"""What a controller may change: the managed tables of config.toml. Each is checked by the very
+dataclass its own loader builds, so a pushed value obeys the rules a value in the file does, and
+each key at fault gets its own reason."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.config import ConfigError
+
+from .config import load_fleet_config
+from .document import flatten
+
+# Keys that stay with the gateway's own file: a push could otherwise cut it off from its controller.
+FLEET_LOCKED = {
+    "enabled": "set locally (a push could switch fleet sync off for good)",
+    "gateway_id": "the gateway's identity is set locally",
+    "groups": "set locally (membership decides which desired documents apply)",
+    "topic_prefix": "set locally (a push could move the gateway out of its controller's reach)",
+    "state_dir": "set locally",
+    "controller_public_key": "trust anchors are set locally",
+    "require_signature": "trust anchors are set locally",
+}
+UNMANAGED = {
+    "mqtt": "broker settings are set locally (a wrong push would cut the gateway off)",
+    # The engine runs as another user and reads only its own file: a pushed key would never apply.
+    "engine": "set locally (the engine does not read pushed config)",
+}
+MAX_REASON_CHARS = 300
+
+
+@dataclass(frozen=True)
+class ManagedTable:
+    factory: Callable[..., Any]  # a config dataclass: constructing one validates, raising ConfigError
+    running: Mapping[str, Any]  # the values from the local file, defaults filled in
+    locked: Mapping[str, str] = field(default_factory=dict)  # key -> why a controller may not set it
+
+
+def fleet_table(fleet: Any) -> ManagedTable:
+    """`[fleet]`, with the keys that stay local locked."""
+    return managed(fleet, FLEET_LOCKED)
+
+
+def managed(config: Any, locked: Mapping[str, str] | None = None) -> ManagedTable:
+    """A table managed through `config`, a loaded config dataclass (ProxyConfig, EngineConfig, ...)."""
+    running = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return ManagedTable(type(config), running, dict(locked or {}))
+
+
+def default_tables(path: Path | None = None) -> dict[str, ManagedTable]:
+    """proxy and fleet, as loaded from the config file at `path` (or its default)."""
+    from ..config import load_config as load_proxy_config
+
+    return {"proxy": managed(load_proxy_config(path)), "fleet": fleet_table(load_fleet_config(path))}
+
+
+def validate(config: dict[str, dict[str, Any]], tables: Mapping[str, ManagedTable],
+             in_force: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """Reasons by `table.key` (or by table) for everything in `config` that may not be applied.
+    Each key is checked alone, then each table as it would be in force (`in_force`: the merged
+    layers with `config` among them; default `config` itself), for rules that tie keys together."""
+    in_force = config if in_force is None else in_force
+    reasons: dict[str, str] = {}
+    for name, values in config.items():
+        spec = tables.get(name)
+        if spec is None:
+            reasons[name] = UNMANAGED.get(name, f"unknown table (managed: {', '.join(sorted(tables))})")
+            continue
+        table_reasons: dict[str, str] = {}
+        for key, value in values.items():
+            if key not in spec.running:
+                table_reasons[f"{name}.{key}"] = "unknown key"
+            elif key in spec.locked:
+                table_reasons[f"{name}.{key}"] = spec.locked[key]
+            else:
+                error = _check(spec, {key: value})
+                if error is not None and error.startswith(f"{key}:"):  # not a rule tying it to keys set below
+                    table_reasons[f"{name}.{key}"] = _strip_key(error, key)
+        if not table_reasons and values:  # each key is fine alone; are they together?
+            error = _check(spec, in_force.get(name, values))
+            if error is not None:
+                culprit = error.split(":", 1)[0]
+                if culprit in values:
+                    table_reasons[f"{name}.{culprit}"] = _strip_key(error, culprit)
+                else:
+                    table_reasons[name] = error[:MAX_REASON_CHARS]
+        reasons.update(table_reasons)
+    return reasons
+
+
+def changes(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], tables: Mapping[str, ManagedTable]) -> dict[str, Any]:
+    """`table.key` -> value for every key whose value in force differs between the two documents
+    (a key a document leaves out has its running value)."""
+    before, after = flatten(old), flatten(new)
+    out: dict[str, Any] = {}
+    for key in sorted(before.keys() | after.keys()):
+        running = running_value(key, tables)
+        if running is _MISSING:
+            continue  # a table no longer managed (after an upgrade): nothing to apply
+        then, now = before.get(key, running), after.get(key, running)
+        if normalize(then) != normalize(now):
+            out[key] = now
+    return out
+
+
+def value_in_force(key: str, config: dict[str, dict[str, Any]], tables: Mapping[str, ManagedTable]) -> Any:
+    table, name = key.split(".", 1)
+    values = config.get(table, {})
+    return values[name] if name in values else running_value(key, tables)
+
+
+def running_value(key: str, tables: Mapping[str, ManagedTable]) -> Any:
+    table, name = key.split(".", 1)
+    spec = tables.get(table)
+    return _MISSING if spec is None or name not in spec.running else spec.running[name]
+
+
+def overlay(data: dict[str, Any], config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The parsed config file `data` with a desired document's `config` laid over it: what a
+    process reads at start so that pushed keys ("needs restart" ones too) stay in force."""
+    merged = dict(data)
+    for table, values in config.items():
+        merged[table] = {**merged.get(table, {}), **values}
+    return merged
+
+
+def normalize(value: Any) -> Any:
+    """Lists and tuples compare equal (the file gives tuples, JSON gives lists)."""
+    if isinstance(value, (list, tuple)):
+        return [normalize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalize(v) for k, v in value.items()}
+    return value
+
+
+_MISSING = object()
+
+
+def _check(spec: ManagedTable, values: Mapping[str, Any]) -> str | None:
+    try:
+        spec.factory(**{**spec.running, **values})
+    except ConfigError as exc:
+        return str(exc)
+    except (TypeError, ValueError) as exc:
+        return f"invalid value ({exc})"
+    return None
+
+
+def _strip_key(message: str, key: str) -> str:
+    """ConfigError messages start with the key; the report already says which key."""
+    message = message[len(key) + 2:] if message.startswith(f"{key}: ") else message
+    return message[:MAX_REASON_CHARS]

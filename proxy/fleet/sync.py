@@ -1,0 +1,215 @@
+"""Desired/reported config sync: take a desired document from the controller, refuse it (with
+reasons) or apply it, keep it on disk, and say what happened in a reported document.
+
+Layers: a gateway takes desired documents for each of its groups and for itself. Each target
+(`group:NAME`, or the gateway id) has its own applied document and its own version sequence;
+the config in force is the gateway's file, overlaid by the group documents in the order of
+`[fleet] groups`, overlaid by the gateway's own document. Each document is the whole desired
+state of its layer: a key it leaves out falls back to the layers below.
+
+A document is refused when it is malformed, for another target, unsigned or badly signed (when
+signatures are required), not newer than its target's applied one (a replay), or when any key
+is unknown, locked or out of range; the config in force then stays as it was. An accepted one
+is applied: keys the agent or the sidecar can change live are changed, the rest are reported as
+needing a restart (they are in force from the next start: see applied_config).
+
+State (`config-state.json` in the state directory, written atomically): the applied document
+of each layer, the digest of the last payload processed per target (the retained desired
+config comes again on every reconnect and is not processed twice), and the last report."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from . import schema
+from .atomic import read_json, write_json
+from .config import FleetConfig
+from .document import DocumentError, group_target, parse_desired
+from .schema import ManagedTable
+from .signing import SIGNATURE_FIELD, canonical_bytes, verify
+
+log = logging.getLogger("proxy.fleet.sync")
+
+STATE_FILE = "config-state.json"
+APPLIED, NEEDS_RESTART = "applied", "needs_restart"
+
+ApplyHook = Callable[[dict[str, Any]], dict[str, str] | Awaitable[dict[str, str]]]
+OwnApply = Callable[[dict[str, Any]], dict[str, str]]
+
+
+def targets_of(fleet: FleetConfig) -> list[str]:
+    """The layers of a gateway, lowest first: its groups in order, then itself."""
+    return [*(group_target(g) for g in fleet.groups), fleet.resolved_gateway_id()]
+
+
+def applied_config(fleet: FleetConfig) -> dict[str, dict[str, Any]]:
+    """The pushed config in force ({} if none), to lay over the config file at start
+    (schema.overlay), so that pushed keys, "needs restart" ones included, stay in force."""
+    state = read_json(fleet.resolved_state_dir() / STATE_FILE) or {}
+    return _merge(state.get("layers", {}), targets_of(fleet))
+
+
+def _merge(layers: Mapping[str, Any], targets: list[str]) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        if target in layers:
+            for table, values in layers[target]["document"]["config"].items():
+                merged[table] = {**merged.get(table, {}), **values}
+    return merged
+
+
+class ConfigSync:
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        targets: list[str],
+        state_dir: Path,
+        tables: Mapping[str, ManagedTable],
+        public_key: Ed25519PublicKey | None,
+        require_signature: bool,
+        apply_own: OwnApply,
+        on_apply: ApplyHook | None,
+        boot: int,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.targets = targets
+        self.path = Path(state_dir) / STATE_FILE
+        self.tables = tables
+        self.public_key = public_key
+        self.require_signature = require_signature
+        self.apply_own = apply_own  # fleet.* keys: the agent's own
+        self.on_apply = on_apply  # the rest: the sidecar's
+        self.boot = boot
+        state = read_json(self.path) or {}
+        # A group the gateway has left no longer counts.
+        self._layers: dict[str, dict[str, Any]] = {t: v for t, v in state.get("layers", {}).items() if t in targets}
+        self._seen: dict[str, str] = {t: v for t, v in state.get("seen", {}).items() if t in targets}
+        self._boot_config = self.config  # in force since this process started
+        self._pending_restart: set[str] = set()
+        report = state.get("report")  # the last outcome, with the state it describes brought up to date
+        self.report: dict[str, Any] | None = {**report, "applied": self.versions, "needs_restart": []} if report else None
+        self._lock = asyncio.Lock()  # one document at a time, in arrival order
+
+    @property
+    def versions(self) -> dict[str, int]:
+        """The applied version of each layer, lowest first."""
+        return {t: self._layers[t]["version"] for t in self.targets if t in self._layers}
+
+    @property
+    def config(self) -> dict[str, dict[str, Any]]:
+        """The pushed config in force: the layers merged."""
+        return _merge(self._layers, self.targets)
+
+    async def handle(self, target: str, payload: bytes) -> dict[str, Any] | None:
+        """Process one desired payload for `target`; returns the new report, or None when there
+        is nothing new (the same payload again, or an empty one: a retained message cleared)."""
+        async with self._lock:
+            return await self._handle(target, payload)
+
+    async def _handle(self, target: str, payload: bytes) -> dict[str, Any] | None:
+        digest = hashlib.sha256(payload).hexdigest()
+        if not payload or self._seen.get(target) == digest:
+            return None
+        self._seen[target] = digest
+        version: int | None = None
+        try:
+            doc = parse_desired(payload, target)
+            version = doc["version"]
+            self._check_signature(doc)
+            if self._is_current(target, doc):
+                return self._finish(version, target, "applied", results={})
+            self._check_newer(target, version)
+            new_layers = {**self._layers, target: {"version": version, "digest": _digest(doc), "document": doc}}
+            new_config = _merge(new_layers, self.targets)
+            reasons = schema.validate(doc["config"], self.tables, in_force=new_config)
+            if reasons:
+                raise DocumentError(reasons)
+        except DocumentError as exc:
+            log.warning("desired config refused", extra={"target": target, "version": version, "reasons": exc.reasons})
+            return self._finish(version, target, "rejected", reasons=exc.reasons)
+        changed = schema.changes(self.config, new_config, self.tables)
+        results = await self._apply(changed)
+        self._layers = new_layers
+        self._track_restarts(results)
+        failed = {k: r for k, r in results.items() if r not in (APPLIED, NEEDS_RESTART)}
+        log.info("desired config applied", extra={"target": target, "version": version, "changed": sorted(changed), "failed": sorted(failed)})
+        return self._finish(version, target, "partial" if failed else "applied", results=results, reasons=failed)
+
+    def _check_signature(self, doc: dict[str, Any]) -> None:
+        if self.public_key is None:
+            return  # nothing to check against
+        if SIGNATURE_FIELD not in doc and not self.require_signature:
+            return
+        problem = verify(doc, self.public_key)
+        if problem is not None:
+            raise DocumentError({SIGNATURE_FIELD: problem})
+
+    def _is_current(self, target: str, doc: dict[str, Any]) -> bool:
+        """The applied document itself, sent again (re-encoded, or re-signed): nothing to do."""
+        layer = self._layers.get(target)
+        return layer is not None and doc["version"] == layer["version"] and _digest(doc) == layer["digest"]
+
+    def _check_newer(self, target: str, version: int) -> None:
+        layer = self._layers.get(target)
+        if layer is not None and version <= layer["version"]:
+            raise DocumentError({"version": f"{version} is not newer than the applied version {layer['version']} (replayed or out of date)"})
+
+    async def _apply(self, changed: dict[str, Any]) -> dict[str, str]:
+        own = {k: v for k, v in changed.items() if k.startswith("fleet.")}
+        rest = {k: v for k, v in changed.items() if k not in own}
+        results = self.apply_own(own) if own else {}
+        if rest and self.on_apply is None:
+            results.update(dict.fromkeys(rest, NEEDS_RESTART))
+        elif rest:
+            try:
+                out = self.on_apply(dict(rest))
+                if inspect.isawaitable(out):
+                    out = await out
+            except Exception as exc:
+                log.exception("on_apply hook failed")
+                out = dict.fromkeys(rest, f"apply failed: {exc}")
+            for key in rest:  # a key the hook does not mention takes effect at the next start
+                result = out.get(key, NEEDS_RESTART) if isinstance(out, dict) else NEEDS_RESTART
+                results[key] = str(result)[: schema.MAX_REASON_CHARS]
+        return results
+
+    def _track_restarts(self, results: dict[str, str]) -> None:
+        config = self.config
+        for key, result in results.items():
+            now = schema.normalize(schema.value_in_force(key, config, self.tables))
+            at_boot = schema.normalize(schema.value_in_force(key, self._boot_config, self.tables))
+            if result == NEEDS_RESTART and now != at_boot:
+                self._pending_restart.add(key)
+            else:
+                self._pending_restart.discard(key)
+
+    def _finish(self, version: int | None, target: str, status: str, *, results: dict[str, str] | None = None,
+                reasons: dict[str, str] | None = None) -> dict[str, Any]:
+        self.report = {
+            "gateway": self.gateway_id,
+            "boot": self.boot,
+            "ts": round(time.time(), 3),
+            "target": target,  # the document this report answers
+            "version": version,
+            "status": status,  # applied | partial (some keys failed to apply live) | rejected
+            "reasons": reasons or {},  # by key (or document field): why refused, or why a key failed
+            "results": results or {},  # by key changed: applied | needs_restart | why it failed
+            "applied": self.versions,  # the version in force for each layer
+            "needs_restart": sorted(self._pending_restart),  # changed since start, in force after a restart
+        }
+        write_json(self.path, {"format": 1, "layers": self._layers, "seen": self._seen, "report": self.report})
+        return self.report
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_bytes(doc)).hexdigest()
