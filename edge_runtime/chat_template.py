@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -74,6 +75,16 @@ _ENV = _environment()
 def compile_chat_template(template: str) -> jinja2.Template:
     """The compiled template, cached; raises `jinja2.TemplateSyntaxError` when it does not parse."""
     return _ENV.from_string(template)
+
+
+@functools.lru_cache(maxsize=32)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from its context (`messages`, `tools`, ...); empty when it
+    does not parse."""
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_ENV.parse(template)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -65,14 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, help="port the sidecar listens on (default 8080)")
     u.add_argument("--model", help="recipe name, built model directory, GGUF file or HF checkpoint directory")
     u.add_argument("--config", type=Path, help="TOML config file ([engine] and [proxy] tables)")
+    u.add_argument("--mqtt", metavar="URL", help="MQTT broker (mqtt://host[:port] or mqtts://...): offload to cloud workers "
+                   "and serve IoT devices")
+    u.add_argument("--gateway-id", dest="gateway_id", metavar="ID", help="this gateway's id in the MQTT topic tree")
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from . import tracing
     from .server import serve
 
     overrides = {key: getattr(args, key) for key in _SERVE_OVERRIDES}
-    return serve(load_config(args.config).with_overrides(**overrides))
+    config = load_config(args.config).with_overrides(**overrides)
+    tracing.setup(tracing.load_tracing_config(args.config), "edge-runtime")
+    try:
+        return serve(config)
+    finally:
+        tracing.shutdown()  # exports the spans still buffered
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "up":
             from proxy.stack import up
 
-            return up(args.config, args.host, args.port, args.model)
+            return up(args.config, args.host, args.port, args.model, mqtt=args.mqtt, gateway_id=args.gateway_id)
         else:
             _chat(args)
     except EdgeRuntimeError as exc:

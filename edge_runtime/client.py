@@ -73,6 +73,8 @@ class EngineClient:
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         trace: dict[str, str] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        grammar: dict[str, Any] | None = None,
         id: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield the stream's token frames, then its done frame; an error frame raises EngineError
@@ -81,7 +83,7 @@ class EngineClient:
         if request_id in self._queues:
             raise ValueError(f"id {request_id!r} is in use on this connection")
         fields = {"prompt": prompt, "messages": messages, "prompt_ids": prompt_ids, "params": params,
-                  "timeout_s": timeout_s, "trace": trace}
+                  "timeout_s": timeout_s, "trace": trace, "tools": tools, "grammar": grammar}
         frame = {"op": "generate", "id": request_id, **{k: v for k, v in fields.items() if v is not None}}
         queue: asyncio.Queue[dict[str, Any] | EngineError] = asyncio.Queue()
         self._queues[request_id] = queue

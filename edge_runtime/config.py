@@ -70,18 +70,26 @@ def default_socket_path() -> Path:
     return Path(f"/tmp/edge-runtime-{os.getuid()}") / SOCKET_NAME
 
 
-def load_config(path: Path | None = None) -> EngineConfig:
-    """The config at `path`; without one, /etc/edge-runtime/config.toml if present, else defaults."""
+def read_config_file(path: Path | None) -> tuple[dict[str, Any], Path | None]:
+    """The parsed file at `path` (without one: /etc/edge-runtime/config.toml if present, else
+    ({}, None)); every process reads its own tables from it."""
     if path is None:
         if not DEFAULT_CONFIG_PATH.is_file():
-            return EngineConfig()
+            return {}, None
         path = DEFAULT_CONFIG_PATH
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8")), Path(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+
+
+def load_config(path: Path | None = None) -> EngineConfig:
+    """The config at `path`; without one, /etc/edge-runtime/config.toml if present, else defaults."""
+    data, path = read_config_file(path)
+    if path is None:
+        return EngineConfig()
     table = data.get("engine", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: engine must be a table ([engine])")

@@ -12,10 +12,13 @@ import numpy as np
 
 from edge_runtime.backends.base import Backend
 from edge_runtime.errors import ContextLengthExceeded, InvalidRequest
+from edge_runtime.grammar import Constraint, ConstraintError
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.tokenizer import IncrementalDecoder, Tokenizer
+from edge_runtime.tools import ToolCallDelta, ToolCallParser
 
 DEFAULT_PREFILL_CHUNK = 512
+NO_TOKEN = -1  # token_id of a final chunk that carries no token (cancelled, deadline, error)
 
 
 @dataclass
@@ -38,11 +41,12 @@ class Timings:
 @dataclass
 class GenerationChunk:
     token_id: int
-    text: str  # text made final by this token; may be ""
+    text: str  # content text made final by this token; may be ""
     logprob: float | None = None
-    finish_reason: str | None = None  # None | "stop" | "length"
+    finish_reason: str | None = None  # None | "stop" | "length" | "tool_calls" (| the scheduler's own endings)
     usage: Usage | None = None  # set on the final chunk only
     timings: Timings | None = None  # set on the final chunk only
+    tool_calls: list[ToolCallDelta] | None = None  # tool-call pieces made final by this token
 
 
 class StopMatcher:
@@ -91,16 +95,20 @@ class StopMatcher:
 
 
 class SequenceStream:
-    """One sequence's output side: samples each next token from logits, detokenizes, applies
-    stop tokens, stop strings and the token budget, and times it. Shared by the
+    """One sequence's output side: samples each next token from logits (inside the grammar's
+    mask when it has one), detokenizes, applies stop tokens, stop strings, the grammar's end and
+    the token budget, splits tool calls from content, and times it. Shared by the
     single-sequence loop below and the continuous-batching scheduler."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_context: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, vocab_size: int,
+                 max_context: int, constraint: Constraint | None = None, tool_parser: ToolCallParser | None = None) -> None:
         self.start = time.perf_counter()
         self.prompt_tokens = len(prompt_ids)
         self._sampler = Sampler(params, vocab_size, prompt_ids)
         self._decoder = IncrementalDecoder(tokenizer)
         self._matcher = StopMatcher(params.stop)
+        self._constraint = constraint
+        self._tools = tool_parser
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             self._stop_ids.update(tokenizer.eos_token_ids)
@@ -111,27 +119,49 @@ class SequenceStream:
 
     def step(self, logits: np.ndarray) -> GenerationChunk:
         """Sample the next token; the chunk's finish_reason is set when this ends the sequence."""
-        token, logprob = self._sampler.sample(logits)
+        try:
+            allowed = self._constraint.allowed() if self._constraint else None
+        except ConstraintError as exc:
+            return self.final(NO_TOKEN, f"grammar error: {exc}", None, "error")
+        token, logprob = self._sampler.sample(logits, allowed)
         self.generated += 1
         if self.generated == 1:
             self.ttft = time.perf_counter() - self.start
-        if token in self._stop_ids:  # its text is not part of the output
+        if token in self._stop_ids:  # its text is not part of the output (the mask allows it only at the grammar's end)
             text, _ = self._drain()
             return self.final(token, text, logprob, "stop")
+        if self._constraint:
+            try:
+                self._constraint.accept(token)
+            except ConstraintError as exc:
+                return self.final(token, f"grammar error: {exc}", logprob, "error")
         text, stopped = self._matcher.push(self._decoder.push(token))
         if stopped:
             return self.final(token, text, logprob, "stop")
+        if self._constraint and self._constraint.complete:
+            rest, _ = self._drain()
+            return self.final(token, text + rest, logprob, "stop")
         if self.generated >= self._budget:
             rest, stopped = self._drain()
             return self.final(token, text + rest, logprob, "stop" if stopped else "length")
-        return GenerationChunk(token, text, logprob)
+        if self._tools is None:
+            return GenerationChunk(token, text, logprob)
+        content, deltas = self._tools.push(text)
+        return GenerationChunk(token, content, logprob, tool_calls=deltas or None)
 
     def final(self, token: int, text: str, logprob: float | None, reason: str) -> GenerationChunk:
         total = time.perf_counter() - self.start
         n = self.generated
         rate = (n - 1) / (total - self.ttft) if n > 1 and total > self.ttft else 0.0
         usage = Usage(self.prompt_tokens, n)
-        return GenerationChunk(token, text, logprob, reason, usage, Timings(self.ttft, total, rate))
+        deltas: list[ToolCallDelta] = []
+        if self._tools is not None and reason in ("stop", "length"):
+            text, deltas = self._tools.push(text)
+            rest, more = self._tools.flush()
+            text, deltas = text + rest, deltas + more
+            if reason == "stop" and self._tools.calls:
+                reason = "tool_calls"
+        return GenerationChunk(token, text, logprob, reason, usage, Timings(self.ttft, total, rate), deltas or None)
 
     def _drain(self) -> tuple[str, bool]:
         """Everything still held by the decoder and the stop matcher, at the end of output."""

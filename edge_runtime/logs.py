@@ -1,5 +1,6 @@
 """Structured logs: one JSON object per line on stderr (journald and log shippers parse them),
-with the `extra=` fields of each call (request_id, conn, ...) as top-level keys."""
+with the `extra=` fields of each call (request_id, conn, ...) as top-level keys, and the
+trace_id and span_id of the current span while tracing is on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+
+from . import tracing
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -20,6 +23,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        ids = tracing.current_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         entry.update((key, value) for key, value in vars(record).items() if key not in _RECORD_ATTRS)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

@@ -15,7 +15,9 @@ from typing import Any, Union
 import msgpack
 
 from .errors import InvalidRequest
+from .grammar import GrammarSpec, parse_grammar
 from .sampling import SamplingParams
+from .tools import Tool, ToolCallDelta, parse_tools
 
 VERSION = 1
 DEFAULT_MAX_FRAME = 1 << 20  # bytes of msgpack payload, the length prefix not counted
@@ -119,10 +121,13 @@ def error_frame(
     return frame
 
 
-def token_frame(request_id: str, text: str, token_id: int, logprob: float | None) -> dict[str, Any]:
+def token_frame(request_id: str, text: str, token_id: int, logprob: float | None,
+                tool_calls: list[ToolCallDelta] | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"id": request_id, "type": "token", "text": text, "token_id": token_id}
     if logprob is not None:
         frame["logprob"] = logprob
+    if tool_calls:
+        frame["tool_calls"] = [delta.to_frame() for delta in tool_calls]
     return frame
 
 
@@ -155,6 +160,8 @@ class GenerateOp:
     prompt_ids: list[int] | None = None
     timeout_s: float | None = None
     trace: dict[str, str] | None = None
+    tools: list[Tool] | None = None
+    grammar: GrammarSpec | None = None
 
 
 @dataclass
@@ -174,7 +181,7 @@ class ModelsOp:
 
 Op = Union[GenerateOp, CancelOp, StatusOp, ModelsOp]
 
-_GENERATE_KEYS = frozenset({"op", "id", "prompt", "messages", "prompt_ids", "params", "timeout_s", "trace"})
+_GENERATE_KEYS = frozenset({"op", "id", "prompt", "messages", "prompt_ids", "params", "timeout_s", "trace", "tools", "grammar"})
 _TRACE_KEYS = frozenset({"traceparent", "tracestate"})
 
 
@@ -235,7 +242,25 @@ def _parse_generate(frame: dict[str, Any]) -> GenerateOp:
         op.prompt_ids = _prompt_ids(frame["prompt_ids"])
     op.timeout_s = _timeout(frame.get("timeout_s"))
     op.trace = _trace(frame.get("trace"))
+    _structured(op, frame)
     return op
+
+
+def _structured(op: GenerateOp, frame: dict[str, Any]) -> None:
+    """`tools` (with `messages` only) and `grammar` (a tool-call grammar needs the tools)."""
+    try:
+        if frame.get("tools") is not None:
+            if op.messages is None:
+                raise InvalidRequest("tools", "tools need messages (they are rendered with the chat template)")
+            op.tools = parse_tools(frame["tools"])
+        if frame.get("grammar") is not None:
+            op.grammar = parse_grammar(frame["grammar"])
+            if op.grammar.type == "tool_calls" and not op.tools:
+                raise InvalidRequest("grammar", "a tool_calls grammar needs tools")
+            if op.params.ignore_eos:
+                raise InvalidRequest("params.ignore_eos", "cannot be combined with a grammar (it ends the output)")
+    except InvalidRequest as exc:
+        raise ProtocolError(INVALID_REQUEST, str(exc), exc.param) from None
 
 
 def _params(value: Any) -> SamplingParams:

@@ -160,11 +160,14 @@ class Sampler:
             out[ids] -= (p.frequency_penalty * counts + p.presence_penalty).astype(np.float32)
         return out
 
-    def sample(self, logits: np.ndarray) -> tuple[int, float | None]:
-        """Pick the next token from float32 logits [vocab]. Returns (token_id, logprob), the
-        logprob being the model's (log-softmax of the raw logits) when params.logprobs is
-        set, else None."""
+    def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> tuple[int, float | None]:
+        """Pick the next token from float32 logits [vocab]; `allowed` (bool [vocab], from a
+        grammar) masks the penalized logits, so greedy and sampled picks both stay inside it.
+        Returns (token_id, logprob), the logprob being the model's (log-softmax of the raw
+        logits) when params.logprobs is set, else None."""
         x = self.penalize(logits)
+        if allowed is not None:
+            x = np.where(allowed, x, np.float32(-np.inf))
         if self.params.temperature < _GREEDY_BELOW:
             token = int(np.argmax(x))
         else:

@@ -17,14 +17,15 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import EdgeRuntimeError
-from .generate import GenerationChunk, SequenceStream, check_prompt
+from .generate import NO_TOKEN, GenerationChunk, SequenceStream, check_prompt
+from .grammar import Constraint
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .tools import ToolCallParser
 
 log = logging.getLogger("edge_runtime.scheduler")
 Sink = Callable[[GenerationChunk], None]
-NO_TOKEN = -1  # token_id of a final chunk that carries no token (cancelled, deadline, error)
 
 
 class Busy(EdgeRuntimeError):
@@ -47,6 +48,11 @@ class Request:
     params: SamplingParams
     deadline: float | None = None  # time.monotonic() value
     trace: dict | None = None  # W3C trace context, carried for tracing
+    constraint: Constraint | None = None  # the grammar the output must follow
+    tool_parser: ToolCallParser | None = None  # splits tool calls from content
+    # Noted by the engine thread for the request's spans (edge_runtime/engine_spans.py):
+    admitted_at: float | None = None  # time.monotonic() when it got a KV slot
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass
@@ -122,7 +128,8 @@ class Scheduler:
 
     def submit(self, request: Request, sink: Sink) -> None:
         check_prompt(request.prompt_ids, self.backend.vocab_size, self.backend.max_context)
-        stream = SequenceStream(self.tokenizer, request.prompt_ids, request.params, self.backend.vocab_size, self.backend.max_context)
+        stream = SequenceStream(self.tokenizer, request.prompt_ids, request.params, self.backend.vocab_size,
+                                self.backend.max_context, request.constraint, request.tool_parser)
         with self._wake:
             if not self._accepting:
                 raise ShuttingDown()
@@ -230,7 +237,7 @@ class Scheduler:
         while self._queue and len(self._running) < self.backend.max_batch:
             seq = self._queue.popleft()
             seq.slot = self.backend.allocate()
-            seq.admitted_at = time.monotonic()
+            seq.admitted_at = seq.request.admitted_at = time.monotonic()
             seq.pending = np.asarray(seq.request.prompt_ids, dtype=np.int64)
             self._running.append(seq)
             admitted.append(seq)
@@ -244,6 +251,7 @@ class Scheduler:
         if blocks:
             self.backend.import_kv(seq.slot, np.concatenate(blocks, axis=3))
             seq.cached_blocks = len(blocks)
+            seq.request.cached_tokens = len(blocks) * self.prefix_cache.block
             seq.pending = seq.pending[len(blocks) * self.prefix_cache.block :]
 
     def _step(self) -> None:
@@ -269,9 +277,17 @@ class Scheduler:
         logits = self.backend.prefill(seq.slot, chunk)
         if seq.pending.size:
             return
+        first = seq.stream.step(logits)
+        if first.finish_reason:  # the slot is freed on emit: cache its prefix first
+            self._cache_prefix(seq)
+            self._emit(seq, first)
+        else:  # the first token goes out before the copy, keeping it off the time to first token
+            self._emit(seq, first)
+            self._cache_prefix(seq)
+
+    def _cache_prefix(self, seq: _Sequence) -> None:
         if self.prefix_cache:
             self.prefix_cache.insert(seq.request.prompt_ids, seq.cached_blocks, lambda a, b: self.backend.export_kv(seq.slot, a, b))
-        self._emit(seq, seq.stream.step(logits))
 
     def _emit(self, seq: _Sequence, chunk: GenerationChunk) -> None:
         if chunk.finish_reason:

@@ -9,12 +9,14 @@ a connection that overflows it is cut off (its requests cancelled)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import signal
 import socket
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import engine_spans, tracing
 from .config import ConfigError, EngineConfig
 from .errors import ContextLengthExceeded, EdgeRuntimeError, InvalidRequest
 from .generate import GenerationChunk
+from .grammar import Constraint
 from .logs import setup_logging
+from .prepare import RequestPreparer
 from .protocol import (
     BUSY, CONTEXT_LENGTH_EXCEEDED, DUPLICATE_ID, INTERNAL, INVALID_REQUEST, NOT_FOUND, SHUTTING_DOWN, VERSION,
     CancelOp, GenerateOp, ModelsOp, ProtocolError, StatusOp, done_frame, encode_frame, error_frame,
@@ -34,6 +39,7 @@ from .protocol import (
 from .scheduler import Busy, Request, Scheduler, ShuttingDown
 from .sd_notify import notify, watchdog_interval_s
 from .tokenizer import Tokenizer
+from .tools import ToolCallParser, tool_format
 
 log = logging.getLogger("edge_runtime.server")
 
@@ -80,6 +86,11 @@ class EngineServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o660)
+
+    @functools.cached_property
+    def preparer(self) -> RequestPreparer:
+        """Turns generate requests into prompt ids and grammar constraints (made on first use)."""
+        return RequestPreparer(self.tokenizer, self.scheduler.backend.vocab_size)
 
     def streams_in_flight(self) -> int:
         return sum(len(conn.streams) for conn in self.connections)
@@ -163,6 +174,7 @@ class _Stream:
     request_id: str  # the scheduler's id, unique in the process
     submitted: bool = False
     cancelled: bool = False
+    timeline: engine_spans.Timeline | None = None  # only while tracing is on
 
 
 class _Connection:
@@ -266,6 +278,8 @@ class _Connection:
         if op.id in self.streams:
             raise ProtocolError(DUPLICATE_ID, f"id {op.id!r} is already in flight on this connection", "id")
         stream = _Stream(op.id, self.server.next_request_id(self.name, op.id))
+        if tracing.enabled():
+            stream.timeline = engine_spans.Timeline(op.trace)
         self.streams[op.id] = stream
         deadline = None if op.timeout_s is None else time.monotonic() + op.timeout_s
         task = asyncio.create_task(self._submit(stream, op, deadline))
@@ -275,16 +289,16 @@ class _Connection:
     async def _submit(self, stream: _Stream, op: GenerateOp, deadline: float | None) -> None:
         prompt_field = "messages" if op.messages is not None else "prompt_ids" if op.prompt_ids is not None else "prompt"
         try:
-            if op.prompt_ids is not None:
-                prompt_ids = op.prompt_ids
-            else:  # off the loop: a long prompt takes a while to render and tokenize
-                prompt_ids = await asyncio.to_thread(encode_prompt, self.server.tokenizer, op)
+            # Off the loop: rendering, tokenizing and compiling a grammar take a while.
+            prompt_ids, constraint, parser = await asyncio.to_thread(self._prepare, op)
             if stream.cancelled:
                 self._end(stream, done_frame(stream.id, "cancelled", None, None))
                 return
             if self.server.shutting_down:
                 raise ShuttingDown()
-            request = Request(stream.request_id, prompt_ids, op.params, deadline, op.trace)
+            request = Request(stream.request_id, prompt_ids, op.params, deadline, op.trace, constraint=constraint, tool_parser=parser)
+            if stream.timeline is not None:
+                stream.timeline.submit(request)
             self.server.scheduler.submit(request, self._sink(stream))
             stream.submitted = True
             log.debug(
@@ -304,6 +318,10 @@ class _Connection:
         except Exception:
             log.exception("generate failed", extra={"conn": self.name, "request_id": stream.request_id})
             self._end(stream, error_frame(stream.id, INTERNAL, "internal error"))
+
+    def _prepare(self, op: GenerateOp) -> tuple[list[int], Constraint | None, ToolCallParser | None]:
+        preparer = self.server.preparer
+        return (preparer.prompt_ids(op), *preparer.constraint(op))
 
     def _cancel_op(self, op: CancelOp) -> None:
         stream = self.streams.get(op.id)
@@ -333,14 +351,14 @@ class _Connection:
         if self.streams.get(stream.id) is not stream:
             return  # cancelled by a disconnect: the client is gone
         if chunk.finish_reason is None:
-            self.send(token_frame(stream.id, chunk.text, chunk.token_id, chunk.logprob))
+            self.send(token_frame(stream.id, chunk.text, chunk.token_id, chunk.logprob, chunk.tool_calls))
             return
         if chunk.finish_reason == "error":
             log.error("request failed in the engine", extra={"conn": self.name, "request_id": stream.request_id, "error": chunk.text})
             self._end(stream, error_frame(stream.id, INTERNAL, chunk.text or "engine error"))
             return
-        if chunk.text:
-            self.send(token_frame(stream.id, chunk.text, chunk.token_id, chunk.logprob))
+        if chunk.text or chunk.tool_calls:
+            self.send(token_frame(stream.id, chunk.text, chunk.token_id, chunk.logprob, chunk.tool_calls))
         self._end(stream, done_frame(stream.id, chunk.finish_reason, chunk.usage, chunk.timings))
         log.info(
             "request finished",
@@ -353,6 +371,8 @@ class _Connection:
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
             self.send(frame)
+            if stream.timeline is not None:
+                engine_spans.record(stream.timeline, stream.id, frame)
 
     # -- writing ----------------------------------------------------------------------
 
@@ -393,15 +413,6 @@ class _Connection:
 
 def _with_id(frame: dict[str, Any], request_id: str | None) -> dict[str, Any]:
     return frame if request_id is None else {"id": request_id, **frame}
-
-
-def encode_prompt(tokenizer: Tokenizer, op: GenerateOp) -> list[int]:
-    """A text prompt is encoded as is (with BOS where the model wants one); messages are rendered
-    with the model's chat template, which writes BOS itself."""
-    if op.messages is not None:
-        text = tokenizer.apply_chat_template(op.messages, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(op.prompt or "", add_special_tokens=True)
 
 
 def prepare_socket_path(path: Path) -> None:
@@ -464,6 +475,7 @@ def serve(config: EngineConfig) -> int:
     server = EngineServer(
         scheduler, tokenizer, info, socket_path, max_frame_bytes=config.max_frame_bytes, grace_s=config.grace_s
     )
+    threading.Thread(target=server.preparer.grammars.warm, name="grammar-warmup", daemon=True).start()
     asyncio.run(_serve_until_stopped(server))
     return 0
 
@@ -496,8 +508,15 @@ def model_info(name: str | None, model_dir: Path, backend: Any, tokenizer: Token
         "max_context": backend.max_context,
         "vocab_size": backend.vocab_size,
         "chat_template": tokenizer.chat_template is not None,
+        "tools": _tools_info(tokenizer),
         "source_sha256": manifest.get("source_sha256"),
     }
+
+
+def _tools_info(tokenizer: Tokenizer) -> dict[str, Any]:
+    """How tools are written for this model: the tool format, and whether its chat template renders them."""
+    fmt = tool_format(tokenizer.chat_template)
+    return {"format": fmt.name, "template": fmt.native}
 
 
 def warmup_ids(tokenizer: Tokenizer, prompts: tuple[str | dict[str, str], ...]) -> list[list[int]]:

@@ -487,6 +487,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what grammar engines build their token view from)."""
+        return self._backend.to_str()
+
     def apply_chat_template(
         self,
         messages: list[dict],

@@ -15,18 +15,22 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .auth import KeyChecker
+from edge_runtime import tracing
+
+from . import spans
+from .auth import Authenticator, Grant
 from .cache import ResponseCache
 from .config import ProxyConfig
 from .engine import EngineLink
 from .errors import JSON_CONTENT, SERVER, ApiError, from_http, invalid, status_error
 from .generation import Generator
+from .safety import PolicySource
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .openai_api import parse_chat, parse_completion
+from .openai_api import GenRequest, parse_chat, parse_completion
 from .openapi import document
 from .ratelimit import RateLimiter
-from .request_state import CLIENT, KEY_ID, REQUEST_ID, SERVED_BY, START
+from .request_state import CLIENT, GRANT, KEY_ID, REQUEST_ID, SERVED_BY, START, TRACE_IDS
 
 log = logging.getLogger("proxy.app")
 
@@ -34,6 +38,7 @@ SIDECAR = web.AppKey("sidecar", "Sidecar")
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
 _HEALTHY = b'{"status":"ok"}'
 _READY_RETRY_AFTER = {"Retry-After": "1"}
+DRAIN_S = 1.0  # on shutdown, how long open keep-alive connections may carry one last answer
 
 
 class Sidecar:
@@ -42,13 +47,16 @@ class Sidecar:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.link = EngineLink(config.resolved_engine_socket())
-        self.keys = KeyChecker(config.api_keys)
-        self.limiter = RateLimiter(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min)
+        self.auth = Authenticator(config.api_keys, config.jwt)
+        self.limiter = RateLimiter(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min, config.rate_limit_tiers)
         self.metrics = Metrics()
         self.cache = ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s) if config.cache_enabled else None
-        self.generator = Generator(self.link, self.cache, self.metrics, self.limiter, config.model_aliases, config.request_timeout_s)
-        self.openapi = json.dumps(document(config, self.keys.enabled)).encode()
+        self.safety = PolicySource(config.safety, self.metrics.safety_event)
+        self.generator = Generator(self.link, self.cache, self.metrics, self.limiter, config.model_aliases, config.request_timeout_s,
+                                   self.safety)
+        self.openapi = json.dumps(document(config, self.auth.enabled)).encode()
         self.started = int(time.time())
+        self.draining = False  # set when shutdown begins (SidecarRunner.cleanup)
 
     # -- middleware and guards ------------------------------------------------------------
 
@@ -83,15 +91,41 @@ class Sidecar:
             self.metrics.observe_request(resource.canonical if resource is not None else "unmatched", status,
                                          time.perf_counter() - start)
 
-    def admit(self, request: web.Request) -> None:
-        """API key and rate limit: raise the 401 or 429 ApiError."""
-        if self.keys.enabled:
-            client = request[KEY_ID] = self.keys.check(request.headers.get("Authorization"))
-        else:
-            client = request.remote or "-"
-        request[CLIENT] = client
-        if self.limiter.enabled:
-            self.limiter.admit(client)
+    def admit(self, request: web.Request) -> Grant | None:
+        """API key or token, and rate limit: raise the 401, 403 or 429 ApiError. The Grant says
+        what the caller may do (None without keys or tokens: anything)."""
+        grant = None
+        with spans.span("auth") as span:
+            if self.auth.enabled:
+                grant = request[GRANT] = self.auth.check(request.headers.get("Authorization"))
+                client = request[KEY_ID] = grant.client
+                if grant.tier is not None and grant.tier not in self.limiter.tiers:
+                    raise ApiError(403, f"rate-limit tier {grant.tier!r} is not configured on this gateway",
+                                   type="permission_error", code="unknown_tier")
+            else:
+                client = request.remote or "-"
+            request[CLIENT] = client
+            if span is not None:
+                span.set_attribute("edge.client", client)
+            if self.limiter.enabled:
+                self.limiter.admit(client, grant.tier if grant is not None else None)
+        return grant
+
+    @staticmethod
+    def authorize(grant: Grant | None, req: GenRequest) -> None:
+        """The token's limits on this request: its models, and its max_tokens cap (which is also
+        the default when the request names none)."""
+        if grant is None:
+            return
+        if grant.models is not None and req.model not in grant.models:
+            raise ApiError(403, f"this token may not use model {req.model!r}", type="permission_error", param="model",
+                           code="model_not_allowed")
+        if grant.max_tokens is not None:
+            asked = req.params.get("max_tokens")
+            if asked is not None and asked > grant.max_tokens:
+                raise ApiError(403, f"max_tokens {asked} exceeds this token's limit of {grant.max_tokens}",
+                               type="permission_error", param="max_tokens", code="max_tokens_exceeded")
+            req.params["max_tokens"] = grant.max_tokens if asked is None else asked
 
     async def json_body(self, request: web.Request) -> dict[str, Any]:
         if request.content_type != JSON_CONTENT:
@@ -110,26 +144,28 @@ class Sidecar:
     # -- /v1 --------------------------------------------------------------------------
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        self.admit(request)
+        grant = self.admit(request)
         body = await self.json_body(request)
         req = parse_chat(body, self.config.max_messages, self.config.max_prompt_chars)
+        self.authorize(grant, req)
         return await self.generator.respond(request, req)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        self.admit(request)
+        grant = self.admit(request)
         body = await self.json_body(request)
         req = parse_completion(body, self.config.max_prompt_chars)
+        self.authorize(grant, req)
         return await self.generator.respond(request, req)
 
     async def models(self, request: web.Request) -> web.Response:
-        self.admit(request)
-        names = await self._model_names()
+        grant = self.admit(request)
+        names = _allowed(await self._model_names(), grant)
         return _json({"object": "list", "data": [self._model(n) for n in names]})
 
     async def model(self, request: web.Request) -> web.Response:
-        self.admit(request)
+        grant = self.admit(request)
         name = request.match_info["model"]
-        if name not in await self._model_names():
+        if name not in _allowed(await self._model_names(), grant):
             raise ApiError(404, f"model {name!r} does not exist; see /v1/models", param="model", code="model_not_found")
         return _json(self._model(name))
 
@@ -149,6 +185,8 @@ class Sidecar:
     async def readyz(self, request: web.Request) -> web.Response:
         status = await self.link.status()
         self.metrics.set_engine_status(status)
+        if (status is None or status.get("shutting_down")) and self.generator.router.cloud_serving:
+            return _json({"status": "ready", "route": "cloud"})  # the engine is down: requests are offloaded
         if status is None:
             return _json({"status": "unavailable", "reason": "the engine is unreachable"}, 503, _READY_RETRY_AFTER)
         if status.get("shutting_down"):
@@ -169,6 +207,18 @@ class Sidecar:
     async def openapi_json(self, request: web.Request) -> web.Response:
         return web.Response(body=self.openapi, content_type=JSON_CONTENT)
 
+    async def close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
+        """While shutting down, every answer says `Connection: close`: a client then opens a new
+        connection (to another gateway) instead of sending into one about to be closed, where it
+        could not know whether its request was read."""
+        if self.draining:
+            response.force_close()
+            response.headers["Connection"] = "close"  # the hook runs after aiohttp wrote its own header
+
+
+def _allowed(names: list[str], grant: Grant | None) -> list[str]:
+    return names if grant is None or grant.models is None else [n for n in names if n in grant.models]
+
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=json.dumps(obj).encode(), status=status, content_type=JSON_CONTENT, headers=headers)
@@ -187,16 +237,22 @@ class AccessLogger(AbstractAccessLogger):
     """One JSON line per request (the root logger's JsonFormatter renders the fields)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("request", extra={
+        fields = {
             "request_id": request.get(REQUEST_ID), "method": request.method, "path": request.path,
             "status": response.status, "duration_ms": round(time * 1000, 3), "served_by": request.get(SERVED_BY),
             "key_id": request.get(KEY_ID), "remote": request.remote, "bytes": response.body_length,
-        })
+        }
+        ids = request.get(TRACE_IDS)  # the request's span has ended by now: name it explicitly
+        if ids is not None:
+            fields["trace_id"], fields["span_id"] = ids
+        self.logger.info("request", extra=fields)
 
 
 def build_app(config: ProxyConfig) -> web.Application:
     sidecar = Sidecar(config)
-    app = web.Application(middlewares=[sidecar.guard], client_max_size=config.max_body_bytes)
+    # The tracing middleware exists only while tracing is on: off, requests never meet it.
+    middlewares = [spans.middleware, sidecar.guard] if tracing.enabled() else [sidecar.guard]
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[SIDECAR] = sidecar
     app.router.add_post("/v1/chat/completions", sidecar.chat_completions)
     app.router.add_post("/v1/completions", sidecar.completions)
@@ -207,6 +263,7 @@ def build_app(config: ProxyConfig) -> web.Application:
     app.router.add_get("/metrics", sidecar.metrics_text)
     app.router.add_get("/openapi.json", sidecar.openapi_json)
     app.on_response_prepare.append(_stamp)
+    app.on_response_prepare.append(sidecar.close_when_draining)
 
     async def engine_link(app: web.Application):
         sidecar.link.start()
@@ -217,10 +274,24 @@ def build_app(config: ProxyConfig) -> web.Application:
     return app
 
 
+class SidecarRunner(web.AppRunner):
+    async def cleanup(self) -> None:
+        """Stop listening (new connections are refused: clients go elsewhere, knowing nothing was
+        sent), then give open connections DRAIN_S to carry one more answer, each saying
+        `Connection: close`, before the idle ones are closed under their clients."""
+        for site in list(self.sites):
+            await site.stop()
+        self.app[SIDECAR].draining = True  # (not before: clients would open new connections into the closing listener)
+        deadline = asyncio.get_running_loop().time() + min(DRAIN_S, self.app[SIDECAR].config.grace_s)
+        while self.server is not None and self.server.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await super().cleanup()
+
+
 def make_runner(app: web.Application, config: ProxyConfig) -> web.AppRunner:
     """Handlers are cancelled when their client disconnects: that is what cancels engine work
     for a client gone mid-request. Requests in flight get grace_s to finish on shutdown."""
-    return web.AppRunner(
+    return SidecarRunner(
         app, handler_cancellation=True, shutdown_timeout=config.grace_s, access_log_class=AccessLogger,
         access_log=logging.getLogger("proxy.access") if config.access_log else None,
     )

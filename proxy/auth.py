@@ -1,16 +1,33 @@
-"""API keys: the config holds only their sha256 digests; a presented key is hashed and compared
-with every stored digest in constant time, so neither a match nor its position leaks by timing."""
+"""Who is calling: API keys (the config holds only their sha256 digests; a presented key is
+hashed and compared with every stored digest in constant time, so neither a match nor its
+position leaks by timing) and, when `[proxy.jwt]` is set, JWT bearer tokens (proxy/jwt_auth.py).
+Either way the answer is a Grant: whom the rate limits count, and what the caller may do."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import string
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import status_error
 
+if TYPE_CHECKING:
+    from .jwt_config import JwtConfig
+
 _HEX = frozenset(string.hexdigits.lower())
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one authenticated caller may do."""
+
+    client: str  # what rate limits count against; also the key id in the access log
+    models: frozenset[str] | None = None  # model names it may use; None: all
+    max_tokens: int | None = None  # cap on max_tokens per request; None: none
+    tier: str | None = None  # rate-limit tier; None: the default limits
 
 
 def hash_key(key: str) -> str:
@@ -20,6 +37,17 @@ def hash_key(key: str) -> str:
 
 def is_key_hash(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def bearer(authorization: str | None, what: str = "API key", placeholder: str = "KEY") -> str:
+    """The credential of an `Authorization: Bearer ...` header; raises the 401 ApiError."""
+    if not authorization:
+        raise status_error(401, f"missing {what}: send 'Authorization: Bearer {placeholder}'", headers=_CHALLENGE)
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        raise status_error(401, f"malformed Authorization header: expected 'Bearer {placeholder}'", headers=_CHALLENGE)
+    return credential
 
 
 class KeyChecker:
@@ -33,12 +61,9 @@ class KeyChecker:
     def check(self, authorization: str | None) -> str:
         """The key id (a prefix of its digest, for rate limits and logs) of a valid
         `Authorization: Bearer KEY` header; raises the 401 ApiError otherwise."""
-        if not authorization:
-            raise status_error(401, "missing API key: send 'Authorization: Bearer KEY'", headers=_CHALLENGE)
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise status_error(401, "malformed Authorization header: expected 'Bearer KEY'", headers=_CHALLENGE)
+        return self.check_key(bearer(authorization))
+
+    def check_key(self, key: str) -> str:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
         matched = False
         for stored in self._digests:  # no early exit: the time taken does not depend on which key matched
@@ -46,3 +71,41 @@ class KeyChecker:
         if not matched:
             raise status_error(401, "incorrect API key", headers=_CHALLENGE)
         return digest.hex()[:12]
+
+
+class Authenticator:
+    """API keys and JWT bearer tokens, whichever the config enables; a credential shaped like a
+    JWT goes to the JWT verifier, anything else is looked up as an API key."""
+
+    def __init__(self, key_hashes: tuple[str, ...], jwt: JwtConfig | None) -> None:
+        self.keys = KeyChecker(key_hashes)
+        self.jwt = None
+        if jwt is not None:
+            from .jwt_auth import JwtVerifier  # PyJWT is imported only when tokens are configured
+
+            self.jwt = JwtVerifier(jwt)
+
+    @property
+    def enabled(self) -> bool:
+        return self.keys.enabled or self.jwt is not None
+
+    def reload(self) -> None:
+        """Read the JWT key files again (SIGHUP)."""
+        if self.jwt is not None:
+            self.jwt.reload()
+
+    def check(self, authorization: str | None) -> Grant:
+        """The caller's Grant; raises the 401 ApiError saying what is wrong."""
+        if self.jwt is None:
+            return Grant(self.keys.check(authorization))
+        from .jwt_auth import looks_like_jwt, refusal
+
+        if self.keys.enabled:
+            credential = bearer(authorization, "API key or token", "KEY_OR_TOKEN")
+        else:
+            credential = bearer(authorization, "token", "TOKEN")
+        if looks_like_jwt(credential):
+            return self.jwt.verify(credential)
+        if not self.keys.enabled:
+            raise refusal("malformed token")
+        return Grant(self.keys.check_key(credential))

@@ -66,5 +66,12 @@ class ResponseCache:
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))  # least recently used first
 
+    def resize(self, max_entries: int, max_bytes: int, ttl_s: float) -> None:
+        """New bounds, applied at once (least recently used entries go first); entries already
+        held keep the expiry they were given."""
+        self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
+        while self._entries and (len(self._entries) > self.max_entries or self.bytes > self.max_bytes):
+            self._drop(next(iter(self._entries)))
+
     def _drop(self, key: bytes) -> None:
         self.bytes -= self._entries.pop(key)[1]

@@ -14,11 +14,14 @@ from edge_runtime.config import ConfigError, default_socket_path
 
 from . import tomlconf
 from .auth import hash_key, is_key_hash
+from .jwt_config import JwtConfig
+from .safety import policy as safety_policy
+from .ratelimit import Limits
 
 API_KEYS_ENV = "EDGE_PROXY_API_KEYS"  # comma-separated plain keys, hashed on load
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-__all__ = ["API_KEYS_ENV", "ConfigError", "ProxyConfig", "is_loopback", "load_config"]
+__all__ = ["API_KEYS_ENV", "ConfigError", "ProxyConfig", "is_loopback", "load_config", "proxy_config_from"]
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,21 @@ class ProxyConfig:
     grace_s: float = 30.0  # how long requests in flight may finish after SIGTERM
     access_log: bool = True
     log_level: str = "info"
+    jwt: JwtConfig | None = None  # [proxy.jwt]: accept JWT bearer tokens too (proxy/jwt_config.py)
+    safety: safety_policy.SafetyConfig = safety_policy.SafetyConfig()  # the top-level [safety] table (proxy/safety/policy.py)
+    # [proxy.rate_limit_tiers.NAME]: requests_per_min, tokens_per_min for callers whose token names the tier
+    rate_limit_tiers: dict[str, Limits] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         tomlconf.validate(self, _RULES, _OPTIONAL)
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         object.__setattr__(self, "model_aliases", tuple(self.model_aliases))
-        if not self.api_keys and not is_loopback(self.host):
+        if isinstance(self.jwt, dict):
+            object.__setattr__(self, "jwt", JwtConfig.from_table(self.jwt))
+        object.__setattr__(self, "rate_limit_tiers", {
+            name: limits if isinstance(limits, Limits) else Limits(**limits) for name, limits in self.rate_limit_tiers.items()
+        })
+        if not self.api_keys and self.jwt is None and not is_loopback(self.host):
             raise ConfigError(
                 f"api_keys: required when listening on {self.host} (not loopback); "
                 f"set [proxy] api_keys (edge-proxy hash-key) or {API_KEYS_ENV}"
@@ -72,9 +84,15 @@ def is_loopback(host: str) -> bool:
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> ProxyConfig:
     """The `[proxy]` table at `path` (without one: /etc/edge-runtime/config.toml if present, else
     defaults), with keys from $EDGE_PROXY_API_KEYS added to the configured hashes."""
-    environ = os.environ if environ is None else environ
     data, path = tomlconf.read_file(path)
-    values = tomlconf.table(data, "proxy", path, {f.name for f in dataclasses.fields(ProxyConfig)})
+    return proxy_config_from(data, path, environ)
+
+
+def proxy_config_from(data: dict[str, Any], path: Path | None, environ: dict[str, str] | None = None) -> ProxyConfig:
+    """The `[proxy]` table of an already parsed file (e.g. with a pushed config laid over it)."""
+    environ = os.environ if environ is None else environ
+    values = tomlconf.table(data, "proxy", path, {f.name for f in dataclasses.fields(ProxyConfig)} - {"safety"})
+    values["safety"] = safety_policy.load(data, path)
     engine = data.get("engine")
     if "engine_socket" not in values and isinstance(engine, dict) and isinstance(engine.get("socket_path"), str):
         values["engine_socket"] = engine["socket_path"]  # one file, one socket: follow the engine's
@@ -107,7 +125,26 @@ def _key_hashes(name: str, value: Any) -> None:
             raise ConfigError(f"{name}[{i}]: must be a sha256 hex digest (64 hex characters; see `edge-proxy hash-key`)")
 
 
-_OPTIONAL = frozenset({"engine_socket"})
+def _jwt(name: str, value: Any) -> None:
+    if not isinstance(value, (dict, JwtConfig)):
+        raise ConfigError(f"{name}: must be a table ([proxy.jwt])")
+
+
+def _tiers(name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a table of tiers ([proxy.rate_limit_tiers.NAME])")
+    for tier, limits in value.items():
+        if isinstance(limits, Limits):
+            continue
+        if not isinstance(limits, dict):
+            raise ConfigError(f"{name}.{tier}: must be a table (requests_per_min, tokens_per_min)")
+        for key, item in limits.items():
+            if key not in ("requests_per_min", "tokens_per_min"):
+                raise ConfigError(f"{name}.{tier}: unknown key {key!r} (known: requests_per_min, tokens_per_min)")
+            tomlconf.number(0)(f"{name}.{tier}.{key}", item)
+
+
+_OPTIONAL = frozenset({"engine_socket", "jwt"})
 _RULES: dict[str, tomlconf.Rule] = {
     "host": tomlconf.text,
     "port": tomlconf.integer(0, 65535),
@@ -127,4 +164,6 @@ _RULES: dict[str, tomlconf.Rule] = {
     "grace_s": tomlconf.number(0),
     "access_log": tomlconf.boolean,
     "log_level": tomlconf.one_of(*LOG_LEVELS),
+    "jwt": _jwt,
+    "rate_limit_tiers": _tiers,
 }

@@ -85,7 +85,11 @@ def from_engine(exc: EngineError, prompt_param: str) -> ApiError:
     """The engine's error frame as the client should see it; `prompt_param` is the request field
     that carried the prompt (`messages` or `prompt`)."""
     if exc.code == INVALID_REQUEST:
-        return invalid(_client_param(exc.param, prompt_param), exc.message)
+        param = _client_param(exc.param, prompt_param)
+        message = exc.message
+        if exc.param and param and message.startswith(f"{exc.param}: "):  # say the client's name for it
+            message = f"{param}: {message[len(exc.param) + 2:]}"
+        return invalid(param, message)
     if exc.code == CONTEXT_LENGTH_EXCEEDED:
         return ApiError(400, exc.message, param=prompt_param, code=CONTEXT_LENGTH_EXCEEDED)
     if exc.code == BUSY:
@@ -108,4 +112,6 @@ def _client_param(param: str | None, prompt_param: str) -> str | None:
         return param[len("params."):]
     if param in ("prompt", "prompt_ids"):
         return prompt_param
+    if param.startswith("grammar"):  # the engine's constraint came from response_format or the tools
+        return "response_format" if param == "grammar.schema" else "tools"
     return param

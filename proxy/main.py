@@ -1,5 +1,6 @@
 """`edge-proxy`: run the sidecar (`edge-proxy [--config FILE] [--host H] [--port P]
-[--engine-socket PATH]`), or hash an API key for the config (`edge-proxy hash-key`)."""
+[--engine-socket PATH] [--mqtt URL] [--gateway-id ID] [--role gateway|cloud] [--upstream URL]`),
+or hash an API key for the config (`edge-proxy hash-key`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ from pathlib import Path
 
 from aiohttp import web
 
+from edge_runtime import tracing
 from edge_runtime.logs import setup_logging
 from edge_runtime.sd_notify import notify, watchdog_interval_s
 
-from .app import build_app, make_runner
+from . import tomlconf
+from .app import SIDECAR, Sidecar, build_app, make_runner
 from .auth import hash_key
-from .config import API_KEYS_ENV, ConfigError, ProxyConfig, load_config
+from .config import API_KEYS_ENV, ConfigError, ProxyConfig, proxy_config_from
+from .fleet import applied_config, overlay
+from .fleet.signing import KeyFileError
+from .services import GATEWAY, ROLES, MqttSettings, attach, load_settings
 
 log = logging.getLogger("proxy.main")
 
@@ -32,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
     parser.add_argument("--engine-socket", dest="engine_socket", help="the engine daemon's Unix socket")
+    parser.add_argument("--mqtt", metavar="URL", help="MQTT broker, mqtt://host[:port] or mqtts://host[:port] "
+                        "([mqtt] url): offload to the cloud and serve IoT devices")
+    parser.add_argument("--gateway-id", dest="gateway_id", metavar="ID", help="this gateway's id in the topic tree "
+                        "([fleet] gateway_id; default the host name)")
+    parser.add_argument("--role", choices=ROLES, default=GATEWAY, help="gateway (default), or cloud: a cloud worker serving "
+                        "offloaded requests from the broker's shared subscription")
+    parser.add_argument("--upstream", metavar="URL", help="role cloud: forward to this OpenAI-compatible base URL "
+                        "([cloud] upstream, e.g. http://host:8000/v1) instead of the engine")
     sub = parser.add_subparsers(dest="command")
     h = sub.add_parser("hash-key", help=f"print the sha256 digest of an API key, for [proxy] api_keys ({API_KEYS_ENV} takes plain keys)")
     h.add_argument("--generate", action="store_true", help="make a new random key; print it and its digest")
@@ -52,9 +66,12 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
-async def serve(config: ProxyConfig) -> None:
+async def serve(config: ProxyConfig, mqtt: MqttSettings | None = None) -> None:
     """Listen until SIGTERM/SIGINT, then let requests in flight finish (up to grace_s)."""
-    runner = make_runner(build_app(config), config)
+    app = build_app(config)
+    if mqtt is not None:
+        attach(app, mqtt)  # the broker side: fleet agent, offload, device front, cloud worker
+    runner = make_runner(app, config)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     try:
@@ -66,6 +83,7 @@ async def serve(config: ProxyConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app[SIDECAR])
     host, port = runner.addresses[0][:2]  # the bound port, when port 0 asked for any
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     notify("READY=1", f"STATUS=serving on {url}")
@@ -82,6 +100,12 @@ async def serve(config: ProxyConfig) -> None:
     log.info("stopped")
 
 
+def _reload(sidecar: Sidecar) -> None:
+    """SIGHUP: the files read at start are read again now (JWT keys, the safety policy)."""
+    sidecar.auth.reload()
+    sidecar.safety.reload()
+
+
 async def _watchdog(interval_s: float) -> None:
     """The pings come from the event loop itself: a blocked loop stops them."""
     while True:
@@ -89,17 +113,37 @@ async def _watchdog(interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+def load(args: argparse.Namespace) -> tuple[ProxyConfig, MqttSettings]:
+    """The sidecar's config and its MQTT side's: the file, with the config a controller pushed
+    laid over it (fleet sync), and the command line's flags over both."""
+    data, path = tomlconf.read_file(args.config)
+    cli = {"mqtt_url": args.mqtt, "gateway_id": args.gateway_id, "role": args.role, "upstream": args.upstream}
+    mqtt = load_settings(data, path, **cli)
+    if mqtt.fleet.enabled and mqtt.role == GATEWAY:
+        data = overlay(data, applied_config(mqtt.fleet))  # what the controller pushed stays in force
+        mqtt = load_settings(data, path, **cli)
+    config = proxy_config_from(data, path).with_overrides(host=args.host, port=args.port, engine_socket=args.engine_socket)
+    return config, mqtt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-key":
         return _hash_key(args)
     try:
-        config = load_config(args.config).with_overrides(host=args.host, port=args.port, engine_socket=args.engine_socket)
+        config, mqtt = load(args)
         setup_logging(config.log_level)
-        asyncio.run(serve(config))
-    except ConfigError as exc:
+        tracing.setup(tracing.load_tracing_config(args.config), "edge-proxy")
+        try:
+            asyncio.run(serve(config, mqtt))
+        finally:
+            tracing.shutdown()  # exports the spans still buffered
+    except (ConfigError, KeyFileError) as exc:
         print(f"edge-proxy: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the fleet state directory cannot be written
+        print(f"edge-proxy: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -29,6 +29,10 @@ class Metrics:
         self.cache_misses = Counter("edge_proxy_cache_misses", "Deterministic requests the cache could not answer", registry=r)
         self.cache_entries = Gauge("edge_proxy_cache_entries", "Responses in the cache", registry=r)
         self.cache_bytes = Gauge("edge_proxy_cache_bytes", "Approximate memory held by the cache", registry=r)
+        self.safety_events = Counter(
+            "edge_proxy_safety_events", "Safety filter matches by direction (input, output), category and action",
+            ["direction", "category", "action"], registry=r,
+        )
         self.in_flight = Gauge("edge_proxy_requests_in_flight", "Requests being answered", registry=r)
         self.engine_up = Gauge("edge_proxy_engine_up", "1 when the engine answered its status at the last scrape", registry=r)
         self.engine_queue_depth = Gauge("edge_proxy_engine_queue_depth", "Requests waiting for a KV slot in the engine", registry=r)
@@ -47,6 +51,9 @@ class Metrics:
         if latency is None:
             latency = self._latency_children[route] = self.latency.labels(route)
         latency.observe(seconds)
+
+    def safety_event(self, direction: str, category: str, action: str) -> None:
+        self.safety_events.labels(direction, category, action).inc()
 
     def set_engine_status(self, status: dict[str, Any] | None) -> None:
         self.engine_up.set(1 if status is not None else 0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import invalid, unsupported
+from .tool_api import Structured, parse_structured
 
 CHAT = "chat"
 COMPLETION = "completion"
@@ -17,8 +18,8 @@ MAX_STOP = 16  # the engine's limit
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions; chat leaves it to the engine
 _MAX_INT = 2**31 - 1
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # the engine takes 64-bit seeds, signed or unsigned
-_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_MESSAGE_KEYS = frozenset({"role", "content", "name", "refusal"})
+_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_MESSAGE_KEYS = frozenset({"role", "content", "name", "refusal", "tool_calls", "tool_call_id"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one encoder: json.dumps makes one per call
 
 # Parameters read by both endpoints; each endpoint adds its own.
@@ -46,6 +47,7 @@ class GenRequest:
     stream: bool
     include_usage: bool
     logprobs: bool
+    structured: Structured = Structured()  # the engine's tools and grammar
 
     @property
     def deterministic(self) -> bool:
@@ -53,7 +55,7 @@ class GenRequest:
         return self.params.get("temperature") == 0.0 or self.params.get("seed") is not None
 
     def cache_fields(self) -> dict[str, Any]:
-        return {**self.prompt, "params": self.params}
+        return {**self.prompt, "params": self.params, **self.structured.engine_fields()}
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -63,22 +65,14 @@ def parse_chat(body: dict[str, Any], max_messages: int, max_prompt_chars: int) -
     _check_fields(body, _CHAT_FIELDS)
     model = _model(body)
     messages = _messages(body.get("messages"), max_messages, max_prompt_chars)
-    for name in ("tools", "functions"):
-        value = body.get(name)
-        if value is not None and not isinstance(value, list):
-            raise invalid(name, f"{name} must be an array")
-        if value:
-            raise unsupported(name, f"{name} are not supported yet")
-    if body.get("tool_choice") not in (None, "none"):
-        raise unsupported("tool_choice", "tool_choice is not supported yet (only 'none')")
+    functions = body.get("functions")
+    if functions is not None and not isinstance(functions, list):
+        raise invalid("functions", "functions must be an array")
+    if functions:
+        raise unsupported("functions", "functions (the legacy form) are not supported; use tools")
     if body.get("function_call") not in (None, "none"):
-        raise unsupported("function_call", "function_call is not supported yet (only 'none')")
-    _optional_bool(body, "parallel_tool_calls")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str) or fmt["type"] == "text":
-            raise invalid("response_format", "response_format must be {'type': 'text'}")
-        raise unsupported("response_format", f"response_format {fmt['type']!r} is not supported yet (only 'text')")
+        raise unsupported("function_call", "function_call (the legacy form) is not supported; use tool_choice")
+    structured = parse_structured(body)
     if _optional_bool(body, "store"):
         raise unsupported("store", "stored completions are not supported")
     metadata = body.get("metadata")
@@ -98,7 +92,9 @@ def parse_chat(body: dict[str, Any], max_messages: int, max_prompt_chars: int) -
         raise unsupported("top_logprobs", "top_logprobs is not supported (only the chosen token's logprob)")
     params = _sampling(body, max_tokens, logprobs)
     stream, include_usage = _stream(body)
-    return GenRequest(CHAT, model, "messages", {"messages": messages}, params, stream, include_usage, logprobs)
+    if structured.grammar is not None and params.get("ignore_eos"):
+        raise invalid("ignore_eos", "ignore_eos cannot be combined with tools or response_format (the grammar ends the answer)")
+    return GenRequest(CHAT, model, "messages", {"messages": messages}, params, stream, include_usage, logprobs, structured)
 
 
 def parse_completion(body: dict[str, Any], max_prompt_chars: int) -> GenRequest:
@@ -146,20 +142,30 @@ def _messages(value: Any, max_messages: int, max_chars: int) -> list[dict[str, s
         if not isinstance(message, dict):
             raise invalid(where, f"{where} must be an object")
         for key in message:
-            if key in ("tool_calls", "function_call", "tool_call_id", "audio"):
-                raise unsupported(f"{where}.{key}", f"{where}.{key}: tool calls and audio are not supported yet")
+            if key in ("function_call", "audio"):
+                raise unsupported(f"{where}.{key}", f"{where}.{key}: legacy function calls and audio are not supported")
             if key not in _MESSAGE_KEYS:
                 raise invalid(f"{where}.{key}", f"{where}: unrecognized field {key!r}", code="unknown_parameter")
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise unsupported(f"{where}.role", f"{where}.role: {role!r} messages are not supported yet")
+        if role == "function":
+            raise unsupported(f"{where}.role", f"{where}.role: 'function' messages (the legacy form) are not supported; use 'tool'")
         if role not in _CHAT_ROLES:
-            raise invalid(f"{where}.role", f"{where}.role must be one of system, developer, user, assistant; got {role!r}")
-        content = _content(message.get("content"), f"{where}.content")
+            raise invalid(f"{where}.role", f"{where}.role must be one of system, developer, user, assistant, tool; got {role!r}")
+        calls = _message_tool_calls(message, role, where)
+        content = "" if calls and message.get("content") is None else _content(message.get("content"), f"{where}.content")
         if message.get("refusal") is not None:
             raise unsupported(f"{where}.refusal", f"{where}.refusal is not supported")
         chars += len(content)
         entry = {"role": _CHAT_ROLES[role], "content": content}
+        if calls:
+            entry["tool_calls"] = calls
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise invalid(f"{where}.tool_call_id", f"{where}.tool_call_id is required for tool messages (a string)")
+            entry["tool_call_id"] = call_id
+        elif message.get("tool_call_id") is not None:
+            raise invalid(f"{where}.tool_call_id", f"{where}.tool_call_id is only for tool messages")
         name = message.get("name")
         if name is not None:
             if not isinstance(name, str):
@@ -169,6 +175,28 @@ def _messages(value: Any, max_messages: int, max_chars: int) -> list[dict[str, s
     if chars > max_chars:
         raise invalid("messages", f"messages are {chars} characters long (at most {max_chars})", code="prompt_too_long")
     return out
+
+
+def _message_tool_calls(message: dict[str, Any], role: str, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls, checked, in the shape the engine takes."""
+    value = message.get("tool_calls")
+    if value is None:
+        return []
+    if role != "assistant":
+        raise invalid(f"{where}.tool_calls", f"{where}.tool_calls is only for assistant messages")
+    if not isinstance(value, list):
+        raise invalid(f"{where}.tool_calls", f"{where}.tool_calls must be an array")
+    calls = []
+    for j, call in enumerate(value):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("type", "function") != "function" or not isinstance(function, dict):
+            raise invalid(at, f"{at} must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}")
+        name, arguments = function.get("name"), function.get("arguments", "{}")
+        if not isinstance(name, str) or not name or not isinstance(arguments, str):
+            raise invalid(f"{at}.function", f"{at}.function needs a name and arguments (a JSON string)")
+        calls.append({"id": str(call.get("id", "")), "type": "function", "function": {"name": name, "arguments": arguments}})
+    return calls
 
 
 def _content(value: Any, where: str) -> str:
@@ -334,9 +362,13 @@ def completion_logprobs(entries: tuple[tuple[str, float], ...] | list[tuple[str,
 
 
 def response_body(req: GenRequest, response_id: str, created: int, model: str, text: str, finish_reason: str,
-                  usage: dict[str, int], logprobs: tuple[tuple[str, float], ...] | None) -> bytes:
+                  usage: dict[str, int], logprobs: tuple[tuple[str, float], ...] | None,
+                  tool_calls: list[dict[str, Any]] | None = None) -> bytes:
     if req.kind == CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if tool_calls:
+            message.update(content=text or None, tool_calls=tool_calls)
+        choice = {"index": 0, "message": message,
                   "logprobs": chat_logprobs(logprobs) if logprobs is not None else None, "finish_reason": finish_reason}
         obj = "chat.completion"
     else:
@@ -383,6 +415,10 @@ class ChunkFormat:
             choice = {"index": 0, "text": text, "logprobs": completion_logprobs(logprobs, self._offset), "finish_reason": None}
         self._offset += len(text)
         return self._event(choice)
+
+    def tool_calls(self, entries: list[dict[str, Any]]) -> bytes:
+        """A chunk of tool-call deltas (ToolCalls.add's entries)."""
+        return self._event({"index": 0, "delta": {"tool_calls": entries}, "logprobs": None, "finish_reason": None})
 
     def finish(self, finish_reason: str, usage: dict[str, int]) -> bytes:
         """The chunk with the finish reason, then (when asked for) the usage chunk."""

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the API this sidecar serves, built from its config (limits,
 whether keys are required). It states what the parser accepts, not all of OpenAI's API: a
-parameter the sidecar refuses is narrowed to the values it honours (n = 1, no tools, ...)."""
+parameter the sidecar refuses is narrowed to the values it honours (n = 1, function tools only, ...)."""
 
 from __future__ import annotations
 
@@ -65,16 +65,54 @@ _TEXT_PART = {
 }
 
 
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_TOOL_CALL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"}, "type": {"const": "function"},
+        "function": {"type": "object", "properties": {"name": {"type": "string", "minLength": 1}, "arguments": {"type": "string"}},
+                     "required": ["name", "arguments"]},
+    },
+    "required": ["id", "type", "function"],
+}
+_TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {"name": _NAME, "description": {"type": "string"}, "strict": _BOOL,
+                           "parameters": {"type": "object", "description": "JSON schema of the arguments (type object)"}},
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["type", "function"],
+    "additionalProperties": False,
+}
+_RESPONSE_FORMAT = _nullable({"oneOf": [
+    {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"], "additionalProperties": False},
+    {"type": "object", "properties": {"type": {"const": "json_schema"}, "json_schema": {
+        "type": "object",
+        "properties": {"name": _NAME, "description": {"type": "string"}, "schema": {"type": "object"}, "strict": _BOOL},
+        "required": ["name"], "additionalProperties": False,
+    }}, "required": ["type", "json_schema"], "additionalProperties": False},
+]})
+
+
 def _chat_request(config: ProxyConfig) -> dict[str, Any]:
     message = {
         "type": "object",
         "properties": {
-            "role": {"enum": ["system", "developer", "user", "assistant"]},
-            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+            "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}],
+                        "description": "null only in an assistant message with tool_calls"},
             "name": _nullable({"type": "string"}),
             "refusal": {"type": "null"},
+            "tool_calls": _nullable({"type": "array", "items": _TOOL_CALL, "description": "assistant messages only"}),
+            "tool_call_id": _nullable({"type": "string", "minLength": 1, "description": "required in tool messages"}),
         },
-        "required": ["role", "content"],
+        "required": ["role"],
         "additionalProperties": False,
     }
     return {
@@ -86,13 +124,17 @@ def _chat_request(config: ProxyConfig) -> dict[str, Any]:
             "max_completion_tokens": _int(1, _MAX_INT),
             "logprobs": _BOOL,
             "top_logprobs": _int(0, 0),
-            "tools": _EMPTY_LIST,
+            "tools": _nullable({"type": "array", "items": _TOOL, "maxItems": 128}),
             "functions": _EMPTY_LIST,
-            "tool_choice": _nullable({"const": "none"}),
+            "tool_choice": _nullable({"anyOf": [
+                {"enum": ["none", "auto", "required"]},
+                {"type": "object", "properties": {"type": {"const": "function"}, "function": {
+                    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+                 "required": ["type", "function"]},
+            ]}),
             "function_call": _nullable({"const": "none"}),
             "parallel_tool_calls": _BOOL,
-            "response_format": _nullable({"type": "object", "properties": {"type": {"const": "text"}},
-                                          "required": ["type"], "additionalProperties": False}),
+            "response_format": _RESPONSE_FORMAT,
             "store": _nullable({"const": False}),
             "metadata": _nullable({"type": "object"}),
             "modalities": _nullable({"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1}),
@@ -127,7 +169,7 @@ _USAGE = {
     "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
 }
-_FINISH = {"enum": ["stop", "length"]}
+_FINISH = {"enum": ["stop", "length", "tool_calls", "content_filter"]}
 _HEAD = {"id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"}}
 
 _SCHEMAS: dict[str, Any] = {
@@ -154,8 +196,10 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object",
                 "properties": {
                     "index": {"const": 0},
-                    "message": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                                "required": ["role", "content"]},
+                    "message": {"type": "object", "properties": {
+                        "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                        "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                    }, "required": ["role", "content"]},
                     "logprobs": {"type": ["object", "null"]},
                     "finish_reason": _FINISH,
                 },
@@ -199,13 +243,14 @@ _SCHEMAS: dict[str, Any] = {
 _SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}, "required": ["data"]}
 _RETRY_AFTER = {"Retry-After": {"required": True, "schema": {"type": "string"}, "description": "seconds to wait"}}
 _ERROR_TEXT = {
-    400: "invalid or unsupported parameter (param names it), or context_length_exceeded",
-    401: "missing or incorrect API key",
+    400: "invalid or unsupported parameter (param names it, e.g. an unsupported JSON schema feature), context_length_exceeded, or content_policy_violation (a prompt the safety policy blocks)",
+    401: "missing or incorrect API key, or an invalid bearer token (the message says which check failed)",
+    403: "the bearer token does not allow this model, this max_tokens or its rate-limit tier",
     404: "unknown model",
     413: "request body too large",
     415: "content type is not application/json",
     429: "rate limited",
-    503: "engine unreachable, busy or restarting",
+    503: "engine unreachable, busy or restarting, and no cloud worker could take the request (codes engine_unavailable, engine_busy, cloud_unavailable, no_capacity)",
     504: "the request did not finish in time",
 }
 
@@ -250,7 +295,8 @@ def document(config: ProxyConfig, secured: bool) -> dict[str, Any]:
             "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
         },
         "/healthz": _get("The sidecar is alive", "application/json", _ref("Status")),
-        "/readyz": _get("The engine is reachable and has its model loaded", "application/json", _ref("Status"),
+        "/readyz": _get("The engine is reachable and has its model loaded, or requests can be offloaded to the cloud",
+                        "application/json", _ref("Status"),
                         {"503": {"description": "not ready", "headers": _RETRY_AFTER,
                                  "content": {"application/json": {"schema": _ref("Status")}}}}),
         "/metrics": _get("Prometheus metrics", "text/plain", {"type": "string"}),
@@ -262,6 +308,8 @@ def document(config: ProxyConfig, secured: bool) -> dict[str, Any]:
                 for key in ("get", "post"):
                     if key in item:
                         item[key]["security"] = [{"apiKey": []}]
+                        if config.jwt is not None:  # token claims may refuse a request
+                            item[key]["responses"]["403"] = _error(403)
     return {
         "openapi": "3.1.0",
         "info": {"title": "edge-runtime sidecar", "version": "1",

@@ -1,67 +1,81 @@
-"""Token-bucket rate limits per client (API key, or address without keys): one bucket of
-requests and one of tokens, each holding a minute's worth and refilling continuously."""
+"""Token-bucket rate limits per client (API key, token subject, or address without keys): one
+bucket of requests and one of tokens, each holding a minute's worth and refilling continuously.
+A client's limits are the default ones or those of its tier (a JWT claim names it)."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .errors import status_error
 
 _SWEEP_AT = 10_000  # clients tracked before full (idle) buckets are forgotten
 
 
-class RateLimiter:
-    def __init__(self, requests_per_min: float, tokens_per_min: float) -> None:
-        self.requests_per_s = requests_per_min / 60.0
-        self.tokens_per_s = tokens_per_min / 60.0
-        self.request_cap = requests_per_min
-        self.token_cap = tokens_per_min
-        self._buckets: dict[str, list[float]] = {}  # client -> [requests left, tokens left, last refill]
+@dataclass(frozen=True)
+class Limits:
+    requests_per_min: float = 0.0  # 0: no limit
+    tokens_per_min: float = 0.0
 
     @property
     def enabled(self) -> bool:
-        return self.request_cap > 0 or self.token_cap > 0
+        return self.requests_per_min > 0 or self.tokens_per_min > 0
 
-    def admit(self, client: str) -> None:
+
+class RateLimiter:
+    def __init__(self, requests_per_min: float, tokens_per_min: float, tiers: Mapping[str, Limits] | None = None) -> None:
+        self.default = Limits(requests_per_min, tokens_per_min)
+        self.tiers = dict(tiers or {})
+        self._buckets: dict[str, list] = {}  # client -> [requests left, tokens left, last refill, Limits]
+
+    @property
+    def enabled(self) -> bool:
+        return self.default.enabled or any(limits.enabled for limits in self.tiers.values())
+
+    def admit(self, client: str, tier: str | None = None) -> None:
         """Take one request from the client's bucket; raises the 429 ApiError (with Retry-After)
-        when it is empty, or while the client's token bucket is in debt."""
-        bucket = self._refill(client)
-        if self.token_cap and bucket[1] <= 0:
-            wait = (1 - bucket[1]) / self.tokens_per_s
-            raise status_error(429, f"token rate limit reached ({self.token_cap:g} tokens/min)", headers=_retry(wait))
-        if self.request_cap:
+        when it is empty, or while the client's token bucket is in debt. `tier` must be one of
+        `tiers` (None: the default limits)."""
+        limits = self.default if tier is None else self.tiers[tier]
+        bucket = self._refill(client, limits)
+        if limits.tokens_per_min and bucket[1] <= 0:
+            wait = (1 - bucket[1]) / (limits.tokens_per_min / 60.0)
+            raise status_error(429, f"token rate limit reached ({limits.tokens_per_min:g} tokens/min)", headers=_retry(wait))
+        if limits.requests_per_min:
             if bucket[0] < 1:
-                wait = (1 - bucket[0]) / self.requests_per_s
-                raise status_error(429, f"request rate limit reached ({self.request_cap:g} requests/min)", headers=_retry(wait))
+                wait = (1 - bucket[0]) / (limits.requests_per_min / 60.0)
+                raise status_error(429, f"request rate limit reached ({limits.requests_per_min:g} requests/min)", headers=_retry(wait))
             bucket[0] -= 1
 
     def charge_tokens(self, client: str, tokens: int) -> None:
         """Tokens are known only once a request ends: the bucket may go into debt, which then
         holds the client's next requests until it is paid back."""
-        if self.token_cap and tokens:
-            self._refill(client)[1] -= tokens
+        bucket = self._buckets.get(client)
+        if bucket is not None and bucket[3].tokens_per_min and tokens:
+            self._refill(client, bucket[3])[1] -= tokens
 
-    def _refill(self, client: str) -> list[float]:
+    def _refill(self, client: str, limits: Limits) -> list:
         now = time.monotonic()
         bucket = self._buckets.get(client)
         if bucket is None:
             if len(self._buckets) >= _SWEEP_AT:
                 self._sweep(now)
-            bucket = self._buckets[client] = [self.request_cap, self.token_cap, now]
+            bucket = self._buckets[client] = [limits.requests_per_min, limits.tokens_per_min, now, limits]
             return bucket
         elapsed = now - bucket[2]
-        bucket[0] = min(self.request_cap, bucket[0] + elapsed * self.requests_per_s)
-        bucket[1] = min(self.token_cap, bucket[1] + elapsed * self.tokens_per_s)
-        bucket[2] = now
+        bucket[0] = min(limits.requests_per_min, bucket[0] + elapsed * limits.requests_per_min / 60.0)
+        bucket[1] = min(limits.tokens_per_min, bucket[1] + elapsed * limits.tokens_per_min / 60.0)
+        bucket[2], bucket[3] = now, limits  # a new token may move the client to another tier
         return bucket
 
     def _sweep(self, now: float) -> None:
         """Forget clients whose buckets would be full by now: they start full when they return."""
-        def full(b: list[float]) -> bool:
-            elapsed = now - b[2]
-            return (b[0] + elapsed * self.requests_per_s >= self.request_cap
-                    and b[1] + elapsed * self.tokens_per_s >= self.token_cap)
+        def full(b: list) -> bool:
+            elapsed, limits = now - b[2], b[3]
+            return (b[0] + elapsed * limits.requests_per_min / 60.0 >= limits.requests_per_min
+                    and b[1] + elapsed * limits.tokens_per_min / 60.0 >= limits.tokens_per_min)
 
         for client in [c for c, b in self._buckets.items() if full(b)]:
             del self._buckets[client]

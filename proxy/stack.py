@@ -18,16 +18,23 @@ from edge_runtime.config import load_config as load_engine_config
 from edge_runtime.errors import EdgeRuntimeError
 
 from .config import load_config as load_proxy_config
+from .mqtt import check_name, parse_url
 
 READY_TIMEOUT_S = 600.0  # the first start builds the default model: seconds, but allow a slow box
 POLL_S = 0.2
 STOP_MARGIN_S = 10.0  # past the children's grace periods, they are killed
 
 
-def up(config_path: Path | None, host: str | None, port: int | None, model: str | None) -> int:
-    """Run both until SIGINT/SIGTERM (exit 0) or until either dies (the other is stopped; exit 1)."""
+def up(config_path: Path | None, host: str | None, port: int | None, model: str | None, *,
+       mqtt: str | None = None, gateway_id: str | None = None) -> int:
+    """Run both until SIGINT/SIGTERM (exit 0) or until either dies (the other is stopped; exit 1).
+    `mqtt` and `gateway_id` go to the sidecar (--mqtt, --gateway-id): offload and the device front."""
     engine_config = load_engine_config(config_path)
     proxy_config = load_proxy_config(config_path).with_overrides(host=host, port=port)
+    if mqtt is not None:
+        parse_url(mqtt)  # a bad URL is refused here, before anything starts
+    if gateway_id is not None:
+        check_name("--gateway-id", gateway_id)
     if proxy_config.port == 0:
         raise EdgeRuntimeError("up needs a fixed port (--port or [proxy] port), not 0")
     socket_path = engine_config.resolved_socket_path()
@@ -37,6 +44,8 @@ def up(config_path: Path | None, host: str | None, port: int | None, model: str 
         engine_cmd += ["--model", model]
     proxy_cmd = [sys.executable, "-m", "proxy.main", *common, "--host", proxy_config.host,
                  "--port", str(proxy_config.port), "--engine-socket", str(socket_path)]
+    proxy_cmd += ["--mqtt", mqtt] if mqtt else []
+    proxy_cmd += ["--gateway-id", gateway_id] if gateway_id else []
     base = f"http://{_local_host(proxy_config.host)}:{proxy_config.port}"
     stop_timeout = max(engine_config.grace_s, proxy_config.grace_s) + STOP_MARGIN_S
 

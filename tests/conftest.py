@@ -91,6 +91,24 @@ def tiny_model_dir(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -
     return build(tiny_checkpoints["llama"][0], tmp_path_factory.mktemp("tiny-model") / "tiny", BuildOptions(), quiet=True)
 
 
+@pytest.fixture(scope="session")
+def agent_model_dir(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama checkpoint with a 2048-token context, built: tool prompts need the room (the
+    fallback tools section alone is ~600 tokens of its byte-level vocabulary). Its rotary
+    embedding does not depend on the context length, so only the config changes."""
+    import json
+    import shutil
+
+    from edge_runtime.builder.build import BuildOptions, build
+
+    checkpoint = tmp_path_factory.mktemp("tiny-long") / "checkpoint"
+    shutil.copytree(tiny_checkpoints["llama"][0], checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    return build(checkpoint, tmp_path_factory.mktemp("tiny-long-model") / "tiny", BuildOptions(), quiet=True)
+
+
 @pytest.fixture
 def mqtt_broker(tmp_path: Path):
     """Start private Mosquitto brokers: `mqtt_broker(persistence=False, extra=())` returns a

@@ -36,12 +36,13 @@ class SlowBackend:
 class Engine:
     """The real server and scheduler on their own event loop thread, as `serve` runs them."""
 
-    def __init__(self, model_dir: Path, socket_path: Path, *, max_batch=2, queue_size=64, delay_s=0.0, **server_kw):
+    def __init__(self, model_dir: Path, socket_path: Path, *, max_batch=2, queue_size=64, delay_s=0.0, prefix_cache_bytes=0,
+                 **server_kw):
         backend = OnnxRuntimeBackend(model_dir, max_batch=max_batch)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         info = model_info(None, model_dir, backend, self.tokenizer)
         self.scheduler = Scheduler(SlowBackend(backend, delay_s) if delay_s else backend, self.tokenizer, queue_size=queue_size,
-                                   model_info=info)
+                                   prefix_cache_bytes=prefix_cache_bytes, model_info=info)
         self.socket_path = socket_path
         self._server_args = (info, socket_path)
         self._server_kw = {"max_frame_bytes": 1 << 20, "grace_s": 5.0, **server_kw}

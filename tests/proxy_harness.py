@@ -39,6 +39,8 @@ class Proxy:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
     def __exit__(self, *exc) -> None:
+        if self.loop.is_closed():
+            return  # stopped already (a test stopping a gateway mid-run)
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)

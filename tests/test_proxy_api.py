@@ -232,8 +232,8 @@ CHAT = {"model": ALIAS, "messages": USER, "max_tokens": 4}
     "kw, status, param, code",
     [
         ({"json": {**CHAT, "n": 2}}, 400, "n", "unsupported_parameter"),
-        ({"json": {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}}, 400, "tools", "unsupported_parameter"),
-        ({"json": {**CHAT, "response_format": {"type": "json_object"}}}, 400, "response_format", "unsupported_parameter"),
+        ({"json": {**CHAT, "tools": [{"type": "code_interpreter"}]}}, 400, "tools[0].type", "unsupported_parameter"),
+        ({"json": {**CHAT, "response_format": {"type": "grammar"}}}, 400, "response_format", "unsupported_parameter"),
         ({"json": {**CHAT, "logit_bias": {"50": 10}}}, 400, "logit_bias", "unsupported_parameter"),
         ({"json": {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}}, 400, "messages[0].role", "invalid_value"),
         ({"json": {**CHAT, "temperature": 3}}, 400, "temperature", "invalid_value"),

@@ -160,15 +160,15 @@ def _refusal(parse, body) -> ApiError:
 def test_parsing_refuses_what_it_cannot_honour_naming_the_param():
     chat = lambda body: parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}, 8, 1000)  # noqa: E731
     cases = {
-        "n": {"n": 2}, "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
-        "tool_choice": {"tool_choice": "auto"}, "response_format": {"response_format": {"type": "json_object"}},
+        "n": {"n": 2}, "tools[0].type": {"tools": [{"type": "code_interpreter"}]},
+        "tool_choice": {"tool_choice": "auto"}, "response_format": {"response_format": {"type": "grammar"}},
         "logit_bias": {"logit_bias": {"5": 1}}, "top_logprobs": {"top_logprobs": 2}, "temperature": {"temperature": 2.5},
         "top_p": {"top_p": 0}, "seed": {"seed": 2**64}, "max_tokens": {"max_tokens": 0}, "stop": {"stop": [""]},
         "frobnicate": {"frobnicate": 1}, "stream_options": {"stream_options": {"include_usage": True}},
     }
     for param, body in cases.items():
         assert _refusal(chat, body).param == param
-    assert _refusal(lambda b: parse_chat(b, 8, 1000), {"model": "m", "messages": [{"role": "tool", "content": "x"}]}).param == "messages[0].role"
+    assert _refusal(lambda b: parse_chat(b, 8, 1000), {"model": "m", "messages": [{"role": "function", "content": "x"}]}).param == "messages[0].role"
     assert _refusal(lambda b: parse_chat(b, 8, 1000), {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).param == "messages[0].content[0].type"
     assert _refusal(lambda b: parse_chat(b, 1, 1000), {"model": "m", "messages": [{"role": "user", "content": "a"}] * 2}).code == "too_many_messages"
     assert _refusal(lambda b: parse_chat(b, 8, 10), {"model": "m", "messages": [{"role": "user", "content": "a" * 11}]}).code == "prompt_too_long"

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from edge_runtime.config import EngineConfig, load_config as load_engine_config
 from proxy.config import ProxyConfig, load_config as load_proxy_config
 from proxy.fleet import FleetConfig, load_fleet_config
 from proxy.mqtt import MqttConfig, load_mqtt_config
+from proxy.offload.config import (
+    CloudConfig, DevicesConfig, OffloadConfig, cloud_config_from, devices_config_from, offload_config_from,
+)
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = ("edge-runtime.service", "edge-proxy.service")
@@ -83,7 +87,11 @@ def test_example_config_lists_every_key_with_valid_values(tmp_path):
     load_proxy_config(path, environ={})
     load_mqtt_config(path, environ={})
     load_fleet_config(path)
-    for table, cls in {"engine": EngineConfig, "proxy": ProxyConfig, "mqtt": MqttConfig, "fleet": FleetConfig}.items():
+    data = tomllib.loads(uncommented)
+    offload_config_from(data, path), devices_config_from(data, path), cloud_config_from(data, path, environ={})
+    tables = {"engine": EngineConfig, "proxy": ProxyConfig, "mqtt": MqttConfig, "fleet": FleetConfig,
+              "offload": OffloadConfig, "devices": DevicesConfig, "cloud": CloudConfig}
+    for table, cls in tables.items():
         body = re.search(rf"(?ms)^\[{table}\]\n(.*?)(?=^\[|\Z)", uncommented).group(1)
         listed = set(re.findall(r"^(\w+) = ", body, re.M))
         # keys whose values are tables of their own ([proxy.jwt], ...) are documented in the README

@@ -29,7 +29,10 @@ UNMANAGED = {
     "mqtt": "broker settings are set locally (a wrong push would cut the gateway off)",
     # The engine runs as another user and reads only its own file: a pushed key would never apply.
     "engine": "set locally (the engine does not read pushed config)",
+    "cloud": "set locally (cloud workers are not managed as gateways)",
 }
+# [devices] keys that stay local: the reply prefix bounds where devices can make the gateway publish.
+DEVICES_LOCKED = {"reply_prefix": "set locally (it bounds where devices can make the gateway publish)"}
 MAX_REASON_CHARS = 300
 
 
@@ -52,10 +55,15 @@ def managed(config: Any, locked: Mapping[str, str] | None = None) -> ManagedTabl
 
 
 def default_tables(path: Path | None = None) -> dict[str, ManagedTable]:
-    """proxy and fleet, as loaded from the config file at `path` (or its default)."""
+    """proxy, fleet, offload and devices, as loaded from the config file at `path` (or its default)."""
+    from .. import tomlconf
     from ..config import load_config as load_proxy_config
+    from ..offload.config import devices_config_from, offload_config_from
 
-    return {"proxy": managed(load_proxy_config(path)), "fleet": fleet_table(load_fleet_config(path))}
+    data, found = tomlconf.read_file(path)
+    return {"proxy": managed(load_proxy_config(path)), "fleet": fleet_table(load_fleet_config(path)),
+            "offload": managed(offload_config_from(data, found)),
+            "devices": managed(devices_config_from(data, found), DEVICES_LOCKED)}
 
 
 def validate(config: dict[str, dict[str, Any]], tables: Mapping[str, ManagedTable],

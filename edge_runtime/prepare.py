@@ -1,0 +1,48 @@
+"""A validated generate request turned into what the scheduler runs: the prompt's token ids
+(chat template, tools) and the output's grammar constraint with its tool-call parser. Runs on
+worker threads: templates, tokenizing and grammar compiles take milliseconds."""
+
+from __future__ import annotations
+
+from .grammar import Constraint, GrammarCompiler, json_grammar
+from .protocol import GenerateOp
+from .tokenizer import Tokenizer
+from .tools import ToolCallParser, tool_format, uses_tools
+
+
+class RequestPreparer:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.tool_format = tool_format(tokenizer.chat_template)
+        self.grammars = GrammarCompiler(tokenizer, vocab_size)
+
+    def prompt_ids(self, op: GenerateOp) -> list[int]:
+        """A text prompt is encoded as is (with BOS where the model wants one); messages are
+        rendered with the model's chat template, which writes BOS itself; tools and tool turns
+        through the model's tool format."""
+        if op.prompt_ids is not None:
+            return op.prompt_ids
+        if op.messages is None:
+            return self.tokenizer.encode(op.prompt or "", add_special_tokens=True)
+        if op.tools or uses_tools(op.messages):
+            text = self.tool_format.render(self.tokenizer, op.messages, op.tools or [])
+        else:
+            text = self.tokenizer.apply_chat_template(op.messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def constraint(self, op: GenerateOp) -> tuple[Constraint | None, ToolCallParser | None]:
+        """The grammar state of a new sequence (None without a grammar) and, for tool calls, the
+        parser of its output. Raises InvalidRequest naming the schema that cannot be compiled."""
+        spec = op.grammar
+        if spec is None:
+            return None, None
+        if spec.type == "json_object":
+            return self.grammars.constraint(json_grammar({"type": "object"}, "grammar"), "grammar"), None
+        if spec.type == "json_schema":
+            return self.grammars.constraint(json_grammar(spec.schema or {}, "grammar.schema"), "grammar.schema"), None
+        tools = op.tools or []
+        for i, tool in enumerate(tools):  # checked one by one, so that the error names the tool
+            param = f"tools[{i}].function.parameters"
+            self.grammars.check(json_grammar(tool.parameters, param), param)
+        grammar = self.tool_format.grammar(tools, spec)
+        return self.grammars.constraint(grammar, "grammar"), self.tool_format.parser()

@@ -1,0 +1,189 @@
+"""OpenTelemetry tracing for both processes, off by default and free when off: until `setup()`
+(or a test's `install()`) turns it on, no OpenTelemetry module is imported and `tracer()` is
+None, which is all that callers check. Also the W3C trace context as the plain map that the
+engine frame and MQTT messages carry: {"traceparent": ..., "tracestate": ...}.
+
+Config: the `[tracing]` table of the shared TOML file (enabled, endpoint, service_name,
+sample_ratio); spans go to an OTLP/HTTP collector in batches, off the request path."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, read_config_file
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Tracer
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
+MAX_FIELD_CHARS = 512  # the engine protocol's bound on traceparent and tracestate
+# Version 00 of https://www.w3.org/TR/trace-context/#traceparent-header (all-zero ids are invalid).
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}").fullmatch
+
+Trace = dict[str, str]  # {"traceparent": ..., "tracestate"?: ...}
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    enabled: bool = False
+    endpoint: str = DEFAULT_ENDPOINT  # OTLP/HTTP traces URL of a collector
+    service_name: str | None = None  # None: the process's own name (edge-proxy, edge-runtime)
+    sample_ratio: float = 1.0  # of new traces; a caller's sampled flag is followed as it is
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled: must be true or false, got {self.enabled!r}")
+        if not isinstance(self.endpoint, str) or not re.match(r"https?://[^/\s]+", self.endpoint):
+            raise ConfigError(f"endpoint: must be an http:// or https:// URL, got {self.endpoint!r}")
+        if self.service_name is not None and (not isinstance(self.service_name, str) or not self.service_name):
+            raise ConfigError(f"service_name: must be a non-empty string, got {self.service_name!r}")
+        ratio = self.sample_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not math.isfinite(ratio) or not 0 <= ratio <= 1:
+            raise ConfigError(f"sample_ratio: must be a number in [0, 1], got {ratio!r}")
+
+
+def load_tracing_config(path: Path | None = None) -> TracingConfig:
+    """The `[tracing]` table of the config file (defaults without a file or a table)."""
+    data, path = read_config_file(path)
+    table = data.get("tracing", {})
+    where = f"{path}: [tracing]" if path else "[tracing]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: tracing must be a table ([tracing])")
+    known = {f.name for f in dataclasses.fields(TracingConfig)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(sorted(known))})")
+    try:
+        return TracingConfig(**table)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+_provider: TracerProvider | None = None
+_tracers: dict[str, Tracer] = {}
+_w3c: Any = None  # the W3C propagator and get_current_span, imported when tracing turns on
+_current_span: Any = None
+
+
+def enabled() -> bool:
+    return _provider is not None
+
+
+def tracer(scope: str) -> Tracer | None:
+    """The tracer of an instrumentation scope ("proxy", "edge_runtime") while tracing is on, else None."""
+    if _provider is None:
+        return None
+    found = _tracers.get(scope)
+    if found is None:
+        found = _tracers[scope] = _provider.get_tracer(scope)
+    return found
+
+
+def setup(config: TracingConfig, service_name: str) -> None:
+    """Turn tracing on as `config` says (nothing at all when it is off): spans are sampled at
+    sample_ratio and exported in batches over OTLP/HTTP from a background thread."""
+    if not config.enabled:
+        return
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        raise ConfigError("[tracing] enabled: the OTLP exporter is not installed "
+                          "(pip install 'edge-runtime[otlp]')") from None
+    provider = _new_provider(config.service_name or service_name, config.sample_ratio)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint)))
+    _use(provider)
+
+
+def install(exporter: SpanExporter, service_name: str = "edge-runtime", sample_ratio: float = 1.0) -> TracerProvider:
+    """Turn tracing on with spans handed to `exporter` as each ends (tests pass opentelemetry's
+    InMemorySpanExporter); returns the provider. `shutdown()` turns it off again."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = _new_provider(service_name, sample_ratio)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _use(provider)
+    return provider
+
+
+def shutdown() -> None:
+    """Export what is buffered and turn tracing off."""
+    global _provider
+    provider, _provider = _provider, None
+    _tracers.clear()
+    if provider is not None:
+        provider.shutdown()
+
+
+def _new_provider(service_name: str, sample_ratio: float) -> TracerProvider:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    # Our own provider, not the global one: an app embedding the engine keeps its own tracing.
+    return TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+                          resource=Resource.create({"service.name": service_name}), shutdown_on_exit=False)
+
+
+def _use(provider: TracerProvider) -> None:
+    global _provider, _w3c, _current_span
+    from opentelemetry.trace import get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    shutdown()
+    _w3c, _current_span = TraceContextTextMapPropagator(), get_current_span
+    _provider = provider
+
+
+# ---------------------------------------------------------------------------------------------- W3C trace context
+
+
+def clean(traceparent: Any, tracestate: Any = None) -> Trace | None:
+    """The trace context as it may be forwarded: a well-formed version-00 traceparent and, with
+    it, a tracestate of at most 512 characters; None when there is no valid traceparent."""
+    if not isinstance(traceparent, str) or not _TRACEPARENT(traceparent):
+        return None
+    if isinstance(tracestate, str) and tracestate and len(tracestate) <= MAX_FIELD_CHARS:
+        return {"traceparent": traceparent, "tracestate": tracestate}
+    return {"traceparent": traceparent}
+
+
+def context_of(trace: Trace | None) -> Context | None:
+    """The OpenTelemetry context whose remote parent is `trace`; None (a new trace) without one
+    or while tracing is off."""
+    if not trace or _provider is None:
+        return None
+    return _w3c.extract(trace)
+
+
+def current_trace() -> Trace | None:
+    """The current span's context as a W3C map, to send along; None when tracing is off or no
+    span is current."""
+    if _provider is None:
+        return None
+    carrier: Trace = {}
+    _w3c.inject(carrier)
+    return carrier or None
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) in hex of the current span, for log lines; None when tracing is off
+    or no span is current."""
+    if _provider is None:
+        return None
+    context = _current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")

@@ -1,0 +1,153 @@
+"""The gateway's side of offload: publish a request to the shared offload topic, and turn the
+numbered chunks that come back on this gateway's reply topic into the engine frames of the
+answer (ReplyAssembler: reordered, deduplicated, timed out when the cloud goes quiet).
+
+The request travels with MQTT v5 ResponseTopic (our reply topic), CorrelationData (its id) and
+MessageExpiryInterval (its deadline), and the same fields in the payload for 3.1.1 brokers.
+When the broker connection drops, every offload in flight fails at once (reason `lost`), so
+that the router can retry it locally or end it with a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from edge_runtime.tracing import Trace
+
+from .. import trace_mqtt
+from ..mqtt import Message, MessageProperties, MqttClient, MqttError, Topics
+from . import protocol
+from .assembler import OffloadFailed, ReplyAssembler
+from .config import OffloadConfig
+from .metrics import MqttMetrics
+
+log = logging.getLogger("proxy.offload")
+
+
+class Offloader:
+    def __init__(self, client: MqttClient, topics: Topics, gateway_id: str, config: OffloadConfig,
+                 metrics: MqttMetrics | None = None) -> None:
+        self.client = client
+        self.topics = topics
+        self.gateway_id = gateway_id
+        self.config = config
+        self.metrics = metrics
+        self.reply_topic = topics.offload_reply(gateway_id)
+        self.request_topic = topics.offload_request()
+        self.cancel_topic = offload_cancel_topic(topics)
+        self._session = secrets.token_hex(4)  # ids stay unique across restarts of this gateway
+        self._inflight: dict[str, ReplyAssembler] = {}
+
+    def start(self) -> None:
+        """Subscribe to the reply topic (now, and after every reconnect); fail offloads in flight
+        when the connection drops."""
+        self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
+        self.client.on_disconnect(self._on_broker_lost)
+
+    @property
+    def available(self) -> bool:
+        """Can a request be offloaded now? (broker connected, room for one more)"""
+        return self.client.connected and len(self._inflight) < self.config.max_in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def offload_id(self, local_id: str) -> str:
+        return f"{self.gateway_id}.{self._session}.{local_id}"
+
+    async def generate(self, offload_id: str, *, kind: str, model: str, prompt: dict[str, Any], params: dict[str, Any],
+                       timeout_s: float, trace: Trace | None = None, tools: Any = None,
+                       grammar: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """The answer's engine frames (token frames, then done or error). Raises OffloadFailed
+        when the cloud cannot be reached or stops answering."""
+        if offload_id in self._inflight:
+            raise ValueError(f"offload id {offload_id!r} is in use")
+        assembler = self._inflight[offload_id] = ReplyAssembler(offload_id)
+        if self.metrics is not None:
+            self.metrics.offloads_in_flight.set(len(self._inflight))
+        v5 = self.client.protocol == "5"
+        extra = {"tools": tools, "grammar": grammar}
+        if not v5:
+            extra["trace"] = trace  # 3.1.1: the trace context rides in the payload
+        try:
+            payload = protocol.encode_request(
+                request_id=offload_id, gateway=self.gateway_id, reply_to=self.reply_topic, timeout_s=timeout_s,
+                kind=kind, model=model, prompt=prompt, params=params, extra=extra)
+            properties = MessageProperties(
+                content_type=protocol.CONTENT_TYPE, correlation_data=offload_id.encode(), response_topic=self.reply_topic,
+                message_expiry_s=max(1, math.ceil(timeout_s)), user_properties=trace_mqtt.to_user_properties(trace))
+            if not self.client.connected:
+                raise OffloadFailed("unavailable", "the broker is unreachable")
+            try:
+                published = self.client.publish(self.request_topic, payload, qos=1, properties=properties)
+            except MqttError as exc:  # QueueFull, MqttClosed
+                raise OffloadFailed("unavailable", f"the request could not be sent: {exc}") from None
+            published.add_done_callback(lambda f: self._check_sent(f, assembler))
+            async for frame in assembler.frames(self.config.accept_timeout_s, self.config.idle_timeout_s):
+                yield frame
+        finally:
+            self._inflight.pop(offload_id, None)
+            if self.metrics is not None:
+                self.metrics.offloads_in_flight.set(len(self._inflight))
+                if assembler.duplicates:
+                    self.metrics.chunks_dropped.labels("duplicate").inc(assembler.duplicates)
+                if assembler.strays:
+                    self.metrics.chunks_dropped.labels("other_worker").inc(assembler.strays)
+            if not assembler.finished:
+                self.cancel(offload_id)
+
+    def cancel(self, offload_id: str) -> None:
+        """Ask the worker serving `offload_id` to stop (best effort: its answer may still come)."""
+        if not self.client.connected:
+            return
+        try:
+            self.client.publish(self.cancel_topic, protocol.encode_cancel(offload_id), qos=1)
+        except MqttError:
+            pass
+
+    async def cancel_async(self, offload_id: str) -> None:
+        self.cancel(offload_id)
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def _on_reply(self, message: Message) -> None:
+        try:
+            request_id, seq, chunk = protocol.parse_chunk(protocol.decode(message.payload))
+        except protocol.ProtocolError as exc:
+            log.warning("malformed offload reply dropped", extra={"topic": message.topic, "error": str(exc)})
+            if self.metrics is not None:
+                self.metrics.chunks_dropped.labels("malformed").inc()
+            return
+        correlation = message.properties.correlation_data
+        if correlation is not None and correlation != request_id.encode():
+            log.warning("offload reply with mismatched correlation data dropped", extra={"id": request_id})
+            if self.metrics is not None:
+                self.metrics.chunks_dropped.labels("malformed").inc()
+            return
+        assembler = self._inflight.get(request_id)
+        if assembler is None:  # finished, timed out, or another run of this gateway's
+            if self.metrics is not None:
+                self.metrics.chunks_dropped.labels("unknown_request").inc()
+            return
+        assembler.feed(seq, chunk)
+
+    def _check_sent(self, published: asyncio.Future[None], assembler: ReplyAssembler) -> None:
+        if published.cancelled() or published.exception() is None:
+            return
+        assembler.fail(OffloadFailed("unavailable", f"the broker did not take the request: {published.exception()}"))
+
+    def _on_broker_lost(self) -> None:
+        if self._inflight:
+            log.warning("broker connection lost with offloads in flight", extra={"in_flight": len(self._inflight)})
+        for assembler in list(self._inflight.values()):
+            assembler.fail(OffloadFailed("lost", "the broker connection was lost during the offload"))
+
+
+def offload_cancel_topic(topics: Topics) -> str:
+    """Where gateways ask workers to stop a request (every worker hears it; the one serving it stops)."""
+    return f"{topics.prefix}/offload/cancel"

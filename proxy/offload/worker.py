@@ -1,0 +1,397 @@
+"""The cloud worker (`edge-proxy --role cloud`): takes offloaded requests from the shared
+subscription `$share/{group}/{prefix}/offload/request`, so that any number of workers share
+the load, and streams each answer back as numbered chunks to the gateway's reply topic.
+
+It serves with its own engine (EngineBackend, the engine socket) or by forwarding to any
+OpenAI-compatible upstream (UpstreamBackend: vLLM, TGI, another of our sidecars). Requests whose
+deadline has passed are refused (`expired`) rather than worked on; past `max_concurrent` they
+are refused `busy`, so that the gateway serves them some other way. Replies go only to topics
+of the form `{prefix}/{gw}/offload/reply`: a request cannot make a worker publish elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import aiohttp
+
+from edge_runtime.client import EngineError
+from edge_runtime.protocol import BUSY, INTERNAL, INVALID_REQUEST
+
+from .. import trace_mqtt
+from ..engine import EngineLink
+from ..errors import ApiError
+from ..mqtt import Message, MessageProperties, MqttClient, MqttError, QueueFull, Topics
+from ..mqtt.topics import check_name
+from . import protocol
+from .config import CloudConfig
+from .gateway import offload_cancel_topic
+from .metrics import MqttMetrics
+
+log = logging.getLogger("proxy.cloud")
+
+DEFAULT_TIMEOUT_S = 120.0  # a request that names no deadline at all
+UNAVAILABLE = "unavailable"
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(self, request: dict[str, Any], request_id: str, timeout_s: float,
+                 trace: dict[str, str] | None) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def close(self) -> None: ...
+
+
+class EngineBackend:
+    """This worker's own engine daemon, over the sidecar's EngineLink."""
+
+    name = "engine"
+
+    def __init__(self, link: EngineLink) -> None:
+        self.link = link
+        self._ids = itertools.count(1)
+
+    async def generate(self, request: dict[str, Any], request_id: str, timeout_s: float,
+                       trace: dict[str, str] | None) -> AsyncIterator[dict[str, Any]]:
+        try:
+            engine = await self.link.client()
+        except ApiError:
+            yield protocol.error_frame(UNAVAILABLE, "the cloud worker's engine is unreachable")
+            return
+        frames = engine.generate(**protocol.prompt_of(request), params=request.get("params") or {}, timeout_s=timeout_s,
+                                 trace=trace, id=f"w{next(self._ids)}", **_structured(request))
+        async with contextlib.aclosing(frames):
+            try:
+                async for frame in frames:
+                    yield frame
+            except EngineError as exc:
+                yield protocol.error_frame(exc.code, exc.message, exc.param, exc.estimated_wait_s)
+
+    async def close(self) -> None:
+        pass
+
+
+class UpstreamBackend:
+    """An OpenAI-compatible server: the request becomes a streaming /chat/completions (or
+    /completions) call, and its SSE chunks become engine frames."""
+
+    name = "upstream"
+
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.model = model
+        self._session: aiohttp.ClientSession | None = None
+
+    async def generate(self, request: dict[str, Any], request_id: str, timeout_s: float,
+                       trace: dict[str, str] | None) -> AsyncIterator[dict[str, Any]]:
+        if _structured(request):
+            yield protocol.error_frame(INVALID_REQUEST, "tools and response_format are not supported by this worker's upstream",
+                                       "tools")
+            return
+        chat = request["kind"] == "chat"
+        body: dict[str, Any] = {"model": self.model or request.get("model") or "default", "stream": True,
+                                "stream_options": {"include_usage": True}, **_openai_params(request.get("params") or {})}
+        if "messages" in request:
+            body["messages"] = request["messages"]
+        elif chat:
+            yield protocol.error_frame(INVALID_REQUEST, "a chat request needs messages", "messages")
+            return
+        else:
+            body["prompt"] = request.get("prompt", request.get("prompt_ids"))
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        if trace:
+            headers.update(trace)
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        url = f"{self.base_url}/{'chat/completions' if chat else 'completions'}"
+        finish, usage = None, None
+        try:
+            async with self._session.post(url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                if r.status != 200:
+                    yield _upstream_error(r.status, await r.read())
+                    return
+                async for data in _sse(r.content):
+                    if data == b"[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        continue
+                    if not isinstance(chunk, dict):
+                        continue
+                    if isinstance(chunk.get("error"), dict):
+                        yield protocol.error_frame(INTERNAL, f"the upstream failed: {chunk['error'].get('message')}")
+                        return
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        if text:
+                            yield {"type": "token", "text": text, "token_id": -1}
+                        finish = choice.get("finish_reason") or finish
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            yield protocol.error_frame(UNAVAILABLE, f"the upstream is unreachable ({type(exc).__name__})")
+            return
+        usage = usage or {}
+        prompt_tokens, completion_tokens = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        yield {"type": "done", "finish_reason": finish or "stop",
+               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class CloudWorker:
+    def __init__(self, client: MqttClient, topics: Topics, config: CloudConfig, backend: Backend,
+                 metrics: MqttMetrics | None = None, worker_id: str | None = None) -> None:
+        self.client = client
+        self.topics = topics
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics
+        self.worker_id = worker_id or f"{socket.gethostname()}-{client.client_id}"
+        self.subscription = topics.offload_request(config.share_group)
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self.served = 0
+
+    def start(self) -> None:
+        self.client.subscribe(self.subscription, self._on_request, qos=1)
+        self.client.subscribe(offload_cancel_topic(self.topics), self._on_cancel, qos=1)
+        log.info("cloud worker subscribed", extra={"filter": self.subscription, "backend": self.backend.name})
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Take no more requests; let those being served finish within `grace_s`, then cancel
+        the rest (their gateways get a `cancelled` ending)."""
+        self.client.unsubscribe(self.subscription)
+        tasks = list(self._active.values())
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.backend.close()
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _on_request(self, message: Message) -> None:
+        props = message.properties
+        reply_to = props.response_topic
+        try:
+            request = protocol.decode(message.payload)
+        except protocol.ProtocolError as exc:
+            self._refuse(reply_to, _text_id(props.correlation_data), "rejected", INVALID_REQUEST, f"bad request: {exc}")
+            return
+        reply_to = reply_to or request.get("reply_to")
+        request_id = request.get("id") if protocol.valid_id(request.get("id")) else _text_id(props.correlation_data)
+        try:
+            protocol.parse_request(request)
+        except protocol.ProtocolError as exc:
+            self._refuse(reply_to, request_id, "rejected", INVALID_REQUEST, f"bad request: {exc}")
+            return
+        if not self._reply_topic_ok(reply_to):
+            log.warning("offload request with a reply topic outside the offload tree dropped",
+                        extra={"id": request_id, "reply_to": str(reply_to)[:200]})
+            self._count("rejected")
+            return
+        remaining = self._remaining_s(props.message_expiry_s, request)
+        if remaining <= 0:
+            self._refuse(reply_to, request_id, "expired", protocol.EXPIRED, "the request's deadline passed before a worker took it")
+            return
+        if request_id in self._active:
+            return  # a redelivery (QoS 1) of a request being served
+        if len(self._active) >= self.config.max_concurrent:
+            self._refuse(reply_to, request_id, "busy", BUSY, f"the cloud worker is serving {len(self._active)} requests",
+                         estimated_wait_s=1.0)
+            return
+        trace = trace_mqtt.from_message(props.user_properties, request)
+        task = asyncio.get_running_loop().create_task(self._serve(request, request_id, reply_to, remaining, trace))
+        self._active[request_id] = task
+        if self.metrics is not None:
+            self.metrics.cloud_in_flight.set(len(self._active))
+        task.add_done_callback(lambda _: self._finished(request_id))
+
+    def _on_cancel(self, message: Message) -> None:
+        try:
+            request_id = protocol.decode(message.payload).get("id")
+        except protocol.ProtocolError:
+            return
+        task = self._active.get(request_id) if isinstance(request_id, str) else None
+        if task is not None:
+            task.cancel()
+
+    async def _serve(self, request: dict[str, Any], request_id: str, reply_to: str, timeout_s: float,
+                     trace: dict[str, str] | None) -> None:
+        seq = itertools.count(1)
+        outcome = "failed"
+        try:
+            self._publish(reply_to, request_id, protocol.accepted_chunk(request_id, self.worker_id))
+            async with asyncio.timeout(timeout_s + 1.0):
+                async with contextlib.aclosing(self.backend.generate(request, request_id, timeout_s, trace)) as frames:
+                    async for frame in frames:
+                        await self._send(reply_to, request_id, protocol.encode_chunk(request_id, next(seq), frame, self.worker_id))
+                        if frame.get("type") == protocol.DONE:
+                            outcome = "served"
+                            return
+                        if frame.get("type") == protocol.ERROR:
+                            return
+            self._publish(reply_to, request_id, protocol.encode_chunk(
+                request_id, next(seq), protocol.error_frame(INTERNAL, "the answer ended without a done frame"), self.worker_id))
+        except asyncio.CancelledError:  # the gateway cancelled it, or this worker is stopping
+            outcome = "cancelled"
+            with contextlib.suppress(MqttError):
+                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(seq), {
+                    "type": "done", "finish_reason": "cancelled",
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, self.worker_id))
+            raise
+        except TimeoutError:
+            with contextlib.suppress(MqttError):
+                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(seq), {
+                    "type": "done", "finish_reason": "deadline",
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, self.worker_id))
+        except MqttError as exc:  # the queue to the broker is full, or the client stopped
+            log.warning("offload answer abandoned: cannot publish", extra={"id": request_id, "error": str(exc)})
+        except Exception:
+            log.exception("offload request failed", extra={"id": request_id})
+            with contextlib.suppress(MqttError):
+                self._publish(reply_to, request_id, protocol.encode_chunk(
+                    request_id, next(seq), protocol.error_frame(INTERNAL, "the cloud worker failed"), self.worker_id))
+        finally:
+            self._count(outcome)
+            if outcome == "served":
+                self.served += 1
+
+    def _finished(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+        if self.metrics is not None:
+            self.metrics.cloud_in_flight.set(len(self._active))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _publish(self, reply_to: str, request_id: str, payload: bytes) -> asyncio.Future[None]:
+        props = MessageProperties(content_type=protocol.CONTENT_TYPE, correlation_data=request_id.encode())
+        return self.client.publish(reply_to, payload, qos=1, properties=props)
+
+    async def _send(self, reply_to: str, request_id: str, payload: bytes) -> None:
+        """Publish a chunk; wait for the broker when half the outbound queue is in use."""
+        while True:
+            try:
+                published = self._publish(reply_to, request_id, payload)
+                break
+            except QueueFull:
+                await asyncio.sleep(0.05)
+        if self.client.queued * 2 >= self.client.config.max_queued:
+            await published
+
+    def _refuse(self, reply_to: str | None, request_id: str | None, outcome: str, code: str, message: str,
+                estimated_wait_s: float | None = None) -> None:
+        self._count(outcome)
+        log.info("offload request refused", extra={"id": request_id, "code": code, "reason": message})
+        if request_id is None or not self._reply_topic_ok(reply_to):
+            return
+        frame = protocol.error_frame(code, message, estimated_wait_s=estimated_wait_s)
+        try:
+            self._publish(reply_to, request_id, protocol.encode_chunk(request_id, 0, frame, self.worker_id))
+        except MqttError:
+            pass
+
+    def _reply_topic_ok(self, topic: Any) -> bool:
+        """`{prefix}/{gw}/offload/reply` for a valid gateway id, and nothing else."""
+        if not isinstance(topic, str) or not topic.startswith(self.topics.prefix + "/"):
+            return False
+        levels = topic[len(self.topics.prefix) + 1:].split("/")
+        if len(levels) != 3 or levels[1:] != ["offload", "reply"]:
+            return False
+        try:
+            check_name("gateway", levels[0])
+        except Exception:
+            return False
+        return True
+
+    @staticmethod
+    def _remaining_s(expiry_s: int | None, request: dict[str, Any]) -> float:
+        """Seconds left to the request's deadline: the broker's countdown (v5 message expiry)
+        when present, else the payload's deadline (3.1.1: needs synchronised clocks), else its
+        timeout."""
+        timeout = request.get("timeout_s")
+        timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else DEFAULT_TIMEOUT_S
+        if expiry_s is not None:
+            return min(float(expiry_s), timeout)
+        deadline = request.get("deadline")
+        if isinstance(deadline, (int, float)) and math.isfinite(deadline):
+            return min(deadline - time.time(), timeout)
+        return timeout
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cloud_requests.labels(outcome).inc()
+
+
+def _structured(request: dict[str, Any]) -> dict[str, Any]:
+    return {key: request[key] for key in ("tools", "grammar") if request.get(key) is not None}
+
+
+def _text_id(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    return text if protocol.valid_id(text) else None
+
+
+_OPENAI_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty")
+
+
+def _openai_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The engine's sampling params as OpenAI request fields (vLLM's names for the extensions)."""
+    body = {key: params[key] for key in _OPENAI_KEYS if params.get(key) is not None}
+    if params.get("top_k"):
+        body["top_k"] = params["top_k"]
+    if params.get("repetition_penalty") not in (None, 1.0):
+        body["repetition_penalty"] = params["repetition_penalty"]
+    if params.get("ignore_eos"):
+        body["ignore_eos"] = True
+    return body
+
+
+def _upstream_error(status: int, raw: bytes) -> dict[str, Any]:
+    try:
+        error = json.loads(raw).get("error") or {}
+        message = str(error.get("message") or raw[:200])
+        param = error.get("param") if isinstance(error.get("param"), str) else None
+    except (ValueError, AttributeError):
+        message, param = raw[:200].decode(errors="replace"), None
+    if status in (400, 404, 413, 422):
+        return protocol.error_frame(INVALID_REQUEST, message, param)
+    if status in (429, 503):
+        return protocol.error_frame(BUSY, f"the upstream is busy: {message}", estimated_wait_s=1.0)
+    if status in (502, 504):
+        return protocol.error_frame(UNAVAILABLE, f"the upstream failed ({status})")
+    return protocol.error_frame(INTERNAL, f"the upstream failed ({status}): {message}")
+
+
+async def _sse(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The data fields of a server-sent event stream."""
+    async for line in content:
+        line = line.strip()
+        if line.startswith(b"data:"):
+            yield line[5:].strip()

@@ -1,0 +1,427 @@
+"""Where a generation request is served: the local engine first, the cloud (offload over MQTT)
+when the gateway cannot serve it well.
+
+A request is offloaded, with the reason counted, when
+- `busy`: the engine answered that its queue is full;
+- `wait`: the engine's estimated queue wait (its last status, read every status_interval_s)
+  is above `[offload] max_wait_s`;
+- `unreachable`: the engine is down, restarting, or its connection broke before the first token;
+- `error`: the engine failed internally before the first token;
+- `breaker`: the local path's circuit breaker is open (repeated failures; a probe is let
+  through after the cool-down);
+- `thermal`, `memory`: the device is over `max_cpu_temp_c` / `max_memory_percent` (psutil).
+
+The cloud path has its own breaker (timeouts, lost broker, worker failures). An offload that
+fails before anything reached the client is retried on the local engine (`retry_local`) unless
+the local path is known to be down; one that fails after the first streamed token ends the
+stream with an error event. When neither path can take a request: 503 with Retry-After.
+
+Without an offloader (no broker configured) the router is the plain local path, exactly as
+before: the engine's errors reach the client as they are."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from edge_runtime.client import CONNECTION_LOST, Busy, EngineError
+from edge_runtime.protocol import BUSY, INTERNAL, SHUTTING_DOWN
+
+from .breaker import OPEN, Breaker
+from .engine import EngineLink
+from .errors import SERVER, ApiError, unavailable
+
+if TYPE_CHECKING:
+    from .offload import MqttMetrics, OffloadConfig, Offloader
+    from .openai_api import GenRequest
+
+log = logging.getLogger("proxy.router")
+
+LOCAL, CLOUD, CACHE = "local", "cloud", "cache"
+CLOUD_PROVEN_S = 300.0  # an offload answered this recently: the cloud path counts as serving (/readyz)
+FIRST_FRAME_MARGIN_S = 2.0  # past the request's own deadline, waiting for the engine's first frame stops
+# The cloud's error codes that mean "this path could not serve it now" (anything else is about the request).
+_CLOUD_RETRYABLE = frozenset({BUSY, SHUTTING_DOWN, INTERNAL, "unavailable", "expired", CONNECTION_LOST})
+_CLOUD_FAILURES = frozenset({INTERNAL, "unavailable", SHUTTING_DOWN})  # count against the cloud breaker
+_CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal", "acpitz", "tegra")
+
+Cancel = Callable[[], Awaitable[None]]
+ServedBy = Callable[[str], None]
+
+
+@dataclass
+class Plan:
+    route: str  # LOCAL or CLOUD: where the request goes first
+    reason: str | None = None  # why CLOUD
+    engine: Any = None  # offload off: the connected engine client
+
+
+@dataclass
+class Route:
+    frames: AsyncIterator[dict[str, Any]]  # the engine's frames: token frames, then the done frame
+    cancel: Cancel  # stop the answer early (its stream then ends with a done frame)
+    served_by: str  # LOCAL or CLOUD (a failed offload retried locally ends up LOCAL)
+    reason: str | None = None  # why it was offloaded
+
+
+class Health:
+    """The engine's last status and the device's sensors, read in the background."""
+
+    def __init__(self, link: EngineLink) -> None:
+        self.link = link
+        self.estimated_wait_s: float | None = None
+        self.status_at = -math.inf  # monotonic time of the last status answer
+        self.cpu_temp_c: float | None = None
+        self.memory_percent: float | None = None
+        self.read_temperature: Callable[[], float | None] = cpu_temperature  # replaceable (tests)
+        self.read_memory: Callable[[], float | None] = lambda: psutil.virtual_memory().percent
+
+    async def sample(self, config: OffloadConfig) -> None:
+        status = await self.link.status(timeout_s=max(0.05, min(1.0, config.status_interval_s)))
+        if status is not None:
+            self.note_wait(status.get("estimated_wait_s"))
+        try:
+            self.memory_percent = self.read_memory() if config.max_memory_percent else None
+            self.cpu_temp_c = await asyncio.to_thread(self.read_temperature) if config.max_cpu_temp_c else None
+        except Exception as exc:  # a sensor that fails must not stop the router
+            log.debug("sensor read failed", extra={"error": str(exc)})
+
+    def note_wait(self, wait: Any) -> None:
+        if isinstance(wait, (int, float)) and not isinstance(wait, bool):
+            self.estimated_wait_s = float(wait)
+            self.status_at = time.monotonic()
+
+    def wait_s(self, max_age_s: float) -> float | None:
+        """The estimated wait, if the status saying it is recent."""
+        return self.estimated_wait_s if time.monotonic() - self.status_at <= max_age_s else None
+
+
+def cpu_temperature() -> float | None:
+    """The hottest CPU sensor in °C (any sensor when none is recognisably the CPU's); None without sensors."""
+    read = getattr(psutil, "sensors_temperatures", None)
+    sensors = read() if read is not None else {}
+    if not sensors:
+        return None
+    chosen = {name: entries for name, entries in sensors.items() if any(name.startswith(c) for c in _CPU_SENSORS)} or sensors
+    values = [entry.current for entries in chosen.values() for entry in entries if entry.current is not None]
+    return max(values) if values else None
+
+
+class Router:
+    def __init__(self, link: EngineLink) -> None:
+        self.link = link
+        self.offloader: Offloader | None = None
+        self.config: OffloadConfig | None = None
+        self.metrics: MqttMetrics | None = None
+        self.local = Breaker(LOCAL)
+        self.cloud = Breaker(CLOUD)
+        self.health = Health(link)
+        self._cloud_ok_at = -math.inf  # monotonic time of the last offload answered in full
+        self._monitor: asyncio.Task[None] | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def enable_offload(self, offloader: Offloader, config: OffloadConfig, metrics: MqttMetrics | None = None) -> None:
+        self.offloader = offloader
+        self.metrics = metrics
+        self.configure(config)
+        if metrics is not None:
+            metrics.watch(self.local)
+            metrics.watch(self.cloud)
+
+    def configure(self, config: OffloadConfig) -> None:
+        """Apply `[offload]` (also live, when a controller pushes new bounds)."""
+        self.config = config
+        for breaker in (self.local, self.cloud):
+            breaker.failures = config.breaker_failures
+            breaker.cooldown_s = config.breaker_cooldown_s
+
+    def start(self) -> None:
+        if self.offloader is not None and self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+
+    async def _watch(self) -> None:
+        while True:
+            config = self.config
+            try:
+                await self.health.sample(config)
+            except Exception:
+                log.exception("health sample failed")
+            await asyncio.sleep(config.status_interval_s)
+
+    @property
+    def offloading(self) -> bool:
+        return self.offloader is not None and self.config is not None and self.config.enabled
+
+    @property
+    def cloud_ready(self) -> bool:
+        """Could a request be offloaded now? (for /readyz and model resolution)"""
+        return self.offloading and self.offloader.available and self.cloud.state != OPEN
+
+    @property
+    def cloud_serving(self) -> bool:
+        """Is the cloud path up and has it answered lately? (/readyz while the engine is down:
+        a broker connection alone does not say that any worker listens)"""
+        return self.cloud_ready and time.monotonic() - self._cloud_ok_at < CLOUD_PROVEN_S
+
+    # -- routing ------------------------------------------------------------------------------
+
+    async def plan(self) -> Plan:
+        """The first decision, before anything is sent: local (with the connected engine when
+        offload is off, else the 503 of an engine that is down), or cloud with a reason."""
+        if not self.offloading:
+            return Plan(LOCAL, engine=await self.link.client())
+        reason = self._preflight()
+        if reason is None and not self.local.allow():  # (allow() lets the half-open probe through)
+            reason = "breaker"
+        return Plan(LOCAL if reason is None else CLOUD, reason)
+
+    async def open(self, plan: Plan, req: GenRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None,
+                   served_by: ServedBy | None = None) -> Route:
+        """The route for one request. A local route's first frame has been awaited already (that
+        is how a full queue is learned); a local answer the engine refused for a reason about
+        the request (bad value, prompt too long) raises that error from the route's frames, as
+        the engine's own stream would."""
+        if plan.engine is not None:
+            return self._local_route(plan.engine, req, request_id, timeout_s, trace)
+        reason = plan.reason
+        local_error: BaseException | None = None
+        if reason is None:
+            route, local_error, reason = await self._try_local(req, request_id, timeout_s, trace)
+            if route is not None:
+                return route
+        if self._cloud_allowed():
+            if self.metrics is not None:
+                self.metrics.offload(reason)
+            log.debug("offloading", extra={"request_id": request_id, "reason": reason})
+            return self._cloud_route(req, request_id, timeout_s, trace, reason, served_by)
+        if local_error is not None:
+            return Route(_raising(local_error), _nothing, LOCAL)
+        if reason in ("thermal", "memory", "wait"):  # the engine is up: better slow or hot than refused
+            return await self._local_anyway(req, request_id, timeout_s, trace)
+        if self.metrics is not None:
+            self.metrics.no_route.inc()
+        retry = max(1.0, min(filter(None, (self.local.retry_after_s(), self.cloud.retry_after_s())), default=1.0))
+        raise unavailable("neither the local engine nor the cloud can take this request now", retry, code="no_capacity")
+
+    def _preflight(self) -> str | None:
+        config, health = self.config, self.health
+        if config.max_cpu_temp_c and health.cpu_temp_c is not None and health.cpu_temp_c > config.max_cpu_temp_c:
+            return "thermal"
+        if config.max_memory_percent and health.memory_percent is not None and health.memory_percent > config.max_memory_percent:
+            return "memory"
+        if config.max_wait_s:
+            wait = health.wait_s(3 * config.status_interval_s + 1.0)
+            if wait is not None and wait > config.max_wait_s:
+                return "wait"
+        return None
+
+    def _cloud_allowed(self) -> bool:
+        return self.offloader.available and self.cloud.allow()
+
+    # -- the local path -----------------------------------------------------------------------
+
+    def _local_route(self, engine: Any, req: GenRequest, request_id: str, timeout_s: float,
+                     trace: dict[str, str] | None) -> Route:
+        frames = engine.generate(**req.prompt, params=req.params, timeout_s=timeout_s, trace=trace, id=request_id,
+                                 **req.structured.engine_fields())
+        return Route(frames, functools.partial(engine.cancel, request_id), LOCAL)
+
+    async def _try_local(self, req: GenRequest, request_id: str, timeout_s: float,
+                         trace: dict[str, str] | None) -> tuple[Route | None, BaseException | None, str | None]:
+        """(the local route, None, None), or (None, the engine's error, the reason to offload),
+        or (a route raising the engine's error about the request, None, None)."""
+        try:
+            engine = await self.link.client()
+        except ApiError as exc:
+            self.local.failure()
+            return None, exc, "unreachable"
+        except BaseException:  # cancelled (the client went away): no verdict
+            self.local.release()
+            raise
+        route = self._local_route(engine, req, request_id, timeout_s, trace)
+        frames = route.frames
+        try:
+            async with asyncio.timeout(timeout_s + FIRST_FRAME_MARGIN_S):
+                first = await anext(frames)
+        except Busy as exc:
+            self.local.success()  # it answered: busy is load, not failure
+            self.health.note_wait(exc.estimated_wait_s)
+            await frames.aclose()
+            return None, exc, "busy"
+        except EngineError as exc:
+            await frames.aclose()
+            if exc.code in (CONNECTION_LOST, SHUTTING_DOWN):
+                self.local.failure()
+                return None, exc, "unreachable"
+            if exc.code == INTERNAL:
+                self.local.failure()
+                return None, exc, "error"
+            self.local.success()
+            return Route(_raising(exc), _nothing, LOCAL), None, None
+        except StopAsyncIteration:
+            self.local.failure()
+            return None, EngineError(CONNECTION_LOST, "the engine ended the stream without a frame"), "unreachable"
+        except TimeoutError:
+            await frames.aclose()
+            self.local.release()
+            return Route(_raising(TimeoutError()), _nothing, LOCAL), None, None
+        except BaseException:
+            await frames.aclose()
+            self.local.release()
+            raise
+        self.local.success()
+        return Route(_prepend(first, frames), route.cancel, LOCAL), None, None
+
+    async def _local_anyway(self, req: GenRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None) -> Route:
+        route, error, _ = await self._try_local(req, request_id, timeout_s, trace)
+        return route if route is not None else Route(_raising(error), _nothing, LOCAL)
+
+    # -- the cloud path -----------------------------------------------------------------------
+
+    def _cloud_route(self, req: GenRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None,
+                     reason: str, served_by: ServedBy | None) -> Route:
+        offloader = self.offloader
+        offload_id = offloader.offload_id(request_id)
+        state: dict[str, Cancel] = {"cancel": functools.partial(offloader.cancel_async, offload_id)}
+
+        async def cancel() -> None:
+            await state["cancel"]()
+
+        frames = self._cloud_frames(req, request_id, offload_id, timeout_s, trace, reason, served_by, state)
+        if served_by is not None:
+            served_by(CLOUD)
+        return Route(frames, cancel, CLOUD, reason)
+
+    async def _cloud_frames(self, req: GenRequest, request_id: str, offload_id: str, timeout_s: float,
+                            trace: dict[str, str] | None, reason: str, served_by: ServedBy | None,
+                            state: dict[str, Cancel]) -> AsyncIterator[dict[str, Any]]:
+        """The offloaded answer. A plain (non-stream) answer is gathered whole before anything
+        is released, so that a failure at any point can still be retried locally."""
+        buffer: list[dict[str, Any]] | None = None if req.stream else []
+        released = False
+        verdict = False
+        failure: ApiError | EngineError | None = None
+        model = self.link.model["id"] if self.link.model else req.model
+        frames = self.offloader.generate(offload_id, kind=req.kind, model=model, prompt=req.prompt, params=req.params,
+                                         timeout_s=timeout_s, trace=trace, **req.structured.engine_fields())
+        try:
+            async with contextlib.aclosing(frames):
+                async for frame in frames:
+                    if frame.get("type") == "error":
+                        failure = self._cloud_error(frame, released)
+                        verdict = True
+                        break
+                    if buffer is not None:
+                        buffer.append(frame)
+                        continue
+                    released = True
+                    yield frame
+            if failure is None:
+                self.cloud.success()
+                self._cloud_ok_at = time.monotonic()
+                verdict = True
+        except _offload_failed() as exc:
+            self.cloud.failure()
+            verdict = True
+            if self.metrics is not None:
+                self.metrics.offload_failed(exc.reason)
+            log.warning("offload failed", extra={"request_id": request_id, "reason": exc.reason, "error": exc.message,
+                                                 "after_first_token": released})
+            failure = _offload_error(exc, released)
+        finally:
+            if not verdict:
+                self.cloud.release()
+        if failure is None:
+            for frame in buffer or ():
+                yield frame
+            return
+        if released or not self._may_retry_locally(reason, failure):
+            raise failure
+        # Nothing reached the client yet: the local engine takes it after all.
+        if self.metrics is not None:
+            self.metrics.offload_fallbacks.inc()
+        engine = await self.link.client()  # the 503 when it is down too
+        route = self._local_route(engine, req, f"{request_id}-l", timeout_s, trace)
+        state["cancel"] = route.cancel
+        if served_by is not None:
+            served_by(LOCAL)
+        async with contextlib.aclosing(route.frames) as local_frames:
+            async for frame in local_frames:
+                yield frame
+
+    def _cloud_error(self, frame: dict[str, Any], released: bool) -> ApiError | EngineError:
+        code = frame.get("code")
+        message = str(frame.get("message") or "the cloud worker failed")
+        if code in _CLOUD_FAILURES:
+            self.cloud.failure()
+        else:
+            self.cloud.success()  # it answered, if only to say no
+        if self.metrics is not None and code in _CLOUD_RETRYABLE:
+            self.metrics.offload_failed("rejected")
+        if code == "expired":
+            return ApiError(504, "the request's deadline passed before a cloud worker could start it", type=SERVER,
+                            code="timeout")
+        if code in _CLOUD_RETRYABLE:
+            wait = frame.get("estimated_wait_s")
+            if released:
+                return ApiError(503, f"the cloud worker stopped this answer: {message}", type=SERVER, code="offload_interrupted")
+            if code == BUSY:
+                return unavailable(f"the cloud is busy: {message}", wait if isinstance(wait, (int, float)) else 1.0,
+                                   code="engine_busy")
+            return unavailable(f"the cloud could not serve this request: {message}", 1.0, code="cloud_unavailable")
+        param = frame.get("param") if isinstance(frame.get("param"), str) else None
+        return EngineError(str(code), message, param)
+
+    def _may_retry_locally(self, reason: str, failure: ApiError | EngineError) -> bool:
+        if not self.config.retry_local or reason in ("unreachable", "breaker", "error"):
+            return False
+        if isinstance(failure, EngineError):  # about the request: the engine would refuse it too
+            return False
+        return failure.status != 504  # its deadline has passed
+
+
+def _offload_failed() -> type[Exception]:
+    from .offload import OffloadFailed
+
+    return OffloadFailed
+
+
+def _offload_error(exc: Any, released: bool) -> ApiError:
+    if released:
+        status, code = (504, "offload_timeout") if exc.reason == "timeout" else (503, "offload_interrupted")
+        return ApiError(status, f"the offloaded answer was cut off: {exc.message}", type=SERVER, code=code)
+    return unavailable(f"the cloud could not serve this request: {exc.message}", 1.0, code="cloud_unavailable")
+
+
+async def _prepend(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async with contextlib.aclosing(rest):
+        yield first
+        if first.get("type") != "token":
+            return
+        async for frame in rest:
+            yield frame
+
+
+async def _raising(error: BaseException) -> AsyncIterator[dict[str, Any]]:
+    raise error
+    yield {}  # an async generator that raises at its first step
+
+
+async def _nothing() -> None:
+    pass

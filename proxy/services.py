@@ -1,0 +1,286 @@
+"""The sidecar's MQTT side, on one broker connection: the fleet agent (when `[fleet] enabled`),
+offload to cloud workers (the router's cloud path), the IoT device front, and, in role `cloud`,
+the cloud worker. `load_settings` reads what they need from the config file and the command
+line; `attach(app, settings)` starts and stops them with the aiohttp application.
+
+The broker is used when `[mqtt] url` is set, `--mqtt URL` is given, `[fleet] enabled` is true,
+or the role is `cloud`; without one the sidecar is the plain HTTP gateway it always was.
+
+Fleet: a pushed config is applied live where it can be: `[proxy]` rate limits, cache sizes,
+request timeout and log level, every `[offload]` key (bounds, timeouts, breakers), and the
+`[devices]` rate limits, sampling defaults and sizes; everything else is reported
+`needs_restart` (and is in force from the next start: main.py lays the applied config over the
+file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from edge_runtime.config import ConfigError
+
+from .cache import ResponseCache
+from .device_front import DeviceFront
+from .fleet import APPLIED, NEEDS_RESTART, FleetAgent, FleetConfig, ManagedTable, fleet_config_from
+from .mqtt import MqttClient, MqttConfig, Topics, mqtt_config_from
+from .offload import (
+    CloudConfig,
+    CloudWorker,
+    DevicesConfig,
+    EngineBackend,
+    MqttMetrics,
+    OffloadConfig,
+    Offloader,
+    UpstreamBackend,
+    cloud_config_from,
+    devices_config_from,
+    offload_config_from,
+)
+from .ratelimit import Limits
+from .request_state import SERVED_BY
+
+if TYPE_CHECKING:
+    from .app import Sidecar
+
+log = logging.getLogger("proxy.services")
+
+GATEWAY, CLOUD = "gateway", "cloud"
+ROLES = (GATEWAY, CLOUD)
+SERVICES = web.AppKey("mqtt_services", "MqttServices")
+_GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_LIVE_PROXY = frozenset({"rate_limit_requests_per_min", "rate_limit_tokens_per_min", "cache_enabled", "cache_max_entries",
+                         "cache_max_bytes", "cache_ttl_s", "request_timeout_s", "log_level"})
+_RESTART_DEVICES = frozenset({"enabled", "reply_prefix"})
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    mqtt: MqttConfig | None  # None: no broker
+    fleet: FleetConfig
+    offload: OffloadConfig
+    devices: DevicesConfig
+    cloud: CloudConfig
+    role: str = GATEWAY
+    config_path: Path | None = None  # the file, for the fleet agent's view of what a push may change
+
+    @property
+    def gateway_id(self) -> str:
+        return self.fleet.resolved_gateway_id()
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.fleet.topic_prefix)
+
+
+def load_settings(data: dict[str, Any], path: Path | None, *, mqtt_url: str | None = None, gateway_id: str | None = None,
+                  role: str = GATEWAY, upstream: str | None = None, environ: dict[str, str] | None = None) -> MqttSettings:
+    """The MQTT side's settings from a parsed config file and the command line's overrides."""
+    if role not in ROLES:
+        raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {role!r}")
+    fleet = fleet_config_from(data, path)
+    if gateway_id is not None:
+        try:
+            fleet = fleet.with_overrides(gateway_id=gateway_id)
+        except ConfigError as exc:
+            raise ConfigError(f"--gateway-id: {exc}") from None
+    mqtt = mqtt_config_from(data, path, environ)
+    if mqtt_url is not None:
+        try:
+            mqtt = mqtt.with_overrides(url=mqtt_url)
+        except ConfigError as exc:
+            raise ConfigError(f"--mqtt: {exc}") from None
+    table = data.get("mqtt")
+    wanted = mqtt_url is not None or (isinstance(table, dict) and "url" in table) or fleet.enabled or role == CLOUD
+    cloud = cloud_config_from(data, path, environ)
+    if upstream is not None:
+        try:
+            cloud = cloud.with_overrides(upstream=upstream)
+        except ConfigError as exc:
+            raise ConfigError(f"--upstream: {exc}") from None
+    return MqttSettings(mqtt if wanted else None, fleet, offload_config_from(data, path), devices_config_from(data, path),
+                        cloud, role, path)
+
+
+class MqttServices:
+    def __init__(self, settings: MqttSettings, sidecar: Sidecar) -> None:
+        assert settings.mqtt is not None
+        self.settings = settings
+        self.sidecar = sidecar
+        self.metrics = MqttMetrics(sidecar.metrics.registry)
+        self.topics = settings.topics
+        self.gateway_id = settings.gateway_id
+        self.agent: FleetAgent | None = None
+        self.offloader: Offloader | None = None
+        self.devices: DeviceFront | None = None
+        self.worker: CloudWorker | None = None
+        self._proxy_live = {k: getattr(sidecar.config, k) for k in _LIVE_PROXY}
+        mqtt = settings.mqtt
+        if settings.role == GATEWAY and settings.fleet.enabled:
+            self.agent = FleetAgent(settings.fleet, mqtt, tables=_file_tables(settings.config_path), on_apply=self.on_apply,
+                                    counters=self.counters, engine_status=sidecar.link.status)
+            self.client = self.agent.client
+        else:
+            client_id = mqtt.client_id or (self.gateway_id if settings.role == GATEWAY
+                                           else f"edge-cloud-{socket.gethostname()[:40]}-{secrets.token_hex(3)}")
+            self.client = MqttClient(mqtt, client_id)
+        self.client.on_connect(lambda: self.metrics.mqtt_connected.set(1))
+        self.client.on_disconnect(lambda: self.metrics.mqtt_connected.set(0))
+        generator = sidecar.generator
+        if settings.role == GATEWAY:
+            self.offloader = Offloader(self.client, self.topics, self.gateway_id, settings.offload, self.metrics)
+            generator.router.enable_offload(self.offloader, settings.offload, self.metrics)
+            if settings.devices.enabled:
+                self.devices = DeviceFront(self.client, self.topics, self.gateway_id, settings.devices, generator,
+                                           sidecar.config, self.metrics)
+        else:
+            cloud = settings.cloud
+            backend = (UpstreamBackend(cloud.upstream, cloud.upstream_api_key, cloud.upstream_model) if cloud.upstream
+                       else EngineBackend(sidecar.link))
+            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics)
+
+    async def start(self) -> None:
+        if self.offloader is not None:
+            self.offloader.start()
+        if self.devices is not None:
+            self.devices.start()
+        if self.worker is not None:
+            self.worker.start()
+        if self.agent is not None:
+            await self.agent.start()
+        else:
+            await self.client.start()
+        self.sidecar.generator.router.start()
+        log.info("mqtt side started", extra={"role": self.settings.role, "gateway": self.gateway_id,
+                                             "broker": self.settings.mqtt.url, "offload": self.offloader is not None,
+                                             "devices": self.devices is not None, "fleet": self.agent is not None})
+
+    async def stop(self) -> None:
+        await self.sidecar.generator.router.stop()
+        grace = self.sidecar.config.grace_s
+        if self.devices is not None:
+            await self.devices.stop(grace)
+        if self.worker is not None:
+            await self.worker.stop(grace)
+        if self.agent is not None:
+            await self.agent.stop()
+        else:
+            await self.client.stop()
+
+    # -- fleet ----------------------------------------------------------------------------------
+
+    def on_apply(self, changes: dict[str, Any]) -> dict[str, str]:
+        """Apply what a controller pushed, live where possible."""
+        results: dict[str, str] = {}
+        offload: dict[str, Any] = {}
+        devices: dict[str, Any] = {}
+        for key, value in changes.items():
+            table, name = key.split(".", 1)
+            if table == "proxy" and name in _LIVE_PROXY:
+                self._proxy_live[name] = value
+                results[key] = APPLIED
+            elif table == "offload":
+                offload[name] = value
+                results[key] = APPLIED
+            elif table == "devices" and name not in _RESTART_DEVICES:
+                devices[name] = value
+                results[key] = APPLIED if self.devices is not None else NEEDS_RESTART
+            else:
+                results[key] = NEEDS_RESTART
+        try:
+            self._apply_proxy({k.split(".", 1)[1] for k in changes if k.startswith("proxy.")} & _LIVE_PROXY)
+            if offload:
+                router = self.sidecar.generator.router
+                router.configure(dataclasses.replace(router.config or self.settings.offload, **offload))
+                if self.offloader is not None:
+                    self.offloader.config = router.config
+            if devices and self.devices is not None:
+                self.devices.configure(dataclasses.replace(self.devices.config, **devices))
+        except (ConfigError, TypeError, ValueError) as exc:  # validated before: should not happen
+            log.error("pushed config could not be applied", extra={"error": str(exc)})
+            return {key: f"could not apply: {exc}" for key in changes}
+        log.info("pushed config applied", extra={"results": results})
+        return results
+
+    def _apply_proxy(self, names: set[str]) -> None:
+        live, sidecar = self._proxy_live, self.sidecar
+        if names & {"rate_limit_requests_per_min", "rate_limit_tokens_per_min"}:
+            sidecar.limiter.default = Limits(live["rate_limit_requests_per_min"], live["rate_limit_tokens_per_min"])
+        if names & {"cache_enabled", "cache_max_entries", "cache_max_bytes", "cache_ttl_s"}:
+            if not live["cache_enabled"]:
+                sidecar.cache = sidecar.generator.cache = None
+            elif sidecar.generator.cache is None:
+                sidecar.cache = sidecar.generator.cache = ResponseCache(live["cache_max_entries"], live["cache_max_bytes"],
+                                                                        live["cache_ttl_s"])
+            else:
+                sidecar.generator.cache.resize(live["cache_max_entries"], live["cache_max_bytes"], live["cache_ttl_s"])
+        if "request_timeout_s" in names:
+            sidecar.generator.timeout_s = live["request_timeout_s"]
+        if "log_level" in names:
+            logging.getLogger().setLevel(str(live["log_level"]).upper())
+
+    def counters(self) -> dict[str, Any]:
+        """The sidecar's figures for fleet telemetry."""
+        registry = self.sidecar.metrics.registry
+        requests = errors = 0.0
+        for metric in self.sidecar.metrics.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    requests += sample.value
+                    if sample.labels.get("status", "").startswith("5"):
+                        errors += sample.value
+        summary = self.metrics.summary()
+        out: dict[str, Any] = {
+            "requests": int(requests), "errors": int(errors),
+            "cache": {"hits": int(registry.get_sample_value("edge_proxy_cache_hits_total") or 0),
+                      "misses": int(registry.get_sample_value("edge_proxy_cache_misses_total") or 0)},
+            "routes": summary.get("route", {}),
+            "offload": summary.get("offload", {}),
+            "offload_failed": summary.get("offload_failed", {}),
+            "mqtt": {"connected": self.client.connected, "queued": self.client.queued},
+        }
+        if self.offloader is not None:
+            router = self.sidecar.generator.router
+            out["offload_in_flight"] = self.offloader.in_flight
+            out["breakers"] = {"local": router.local.state, "cloud": router.cloud.state}
+        if self.devices is not None:
+            out["devices"] = {"active": self.devices.active, "errors": summary.get("device_error", {})}
+        if self.worker is not None:
+            out["cloud_worker"] = {"active": self.worker.active, "served": self.worker.served}
+        return out
+
+
+def _file_tables(path: Path | None) -> dict[str, ManagedTable]:
+    """The managed tables as the file alone says (keys a push leaves out fall back to these)."""
+    from .fleet import default_tables
+
+    return default_tables(path)
+
+
+def attach(app: web.Application, settings: MqttSettings) -> MqttServices | None:
+    """Run the MQTT side with `app` (started after the engine link, stopped before it), and count
+    where generation requests were served. Returns None when no broker is configured."""
+    from .app import SIDECAR
+
+    if settings.mqtt is None:
+        return None
+    services = app[SERVICES] = MqttServices(settings, app[SIDECAR])
+
+    async def lifecycle(_app: web.Application):
+        await services.start()
+        yield
+        await services.stop()
+
+    async def count(request: web.BaseRequest, response: web.StreamResponse) -> None:
+        if request.path in _GENERATION_PATHS and response.status < 400:
+            services.metrics.route(request.get(SERVED_BY, "local"), "http")
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_response_prepare.append(count)
+    return services

@@ -1,0 +1,207 @@
+"""The IoT device front against a real Mosquitto (docs/mqtt-device-protocol.md): devices on MQTT
+v5 and 3.1.1, JSON and msgpack, streamed and whole answers; garbage of every kind answered with
+errors (or dropped when there is nowhere safe to answer) while the gateway keeps serving; per-
+device rate limits; the safety filter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+
+import msgpack
+import pytest
+from engine_harness import Engine
+from gateway_harness import Gateway, mqtt_config, settings
+from mqtt_harness import Broker, mosquitto_binary
+
+from proxy.config import ProxyConfig
+from proxy.mqtt import Message, MessageProperties, MqttClient
+from proxy.safety import Category, SafetyConfig
+
+REQUEST = "edge/gw-dev/infer/request"
+REPLY = "edge/gw-dev/infer/reply"
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    with tempfile.TemporaryDirectory(prefix="dev-", dir="/tmp") as d, Engine(tiny_model_dir, Path(d) / "e.sock") as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def gateway(broker, engine):
+    safety = SafetyConfig(categories=(Category("weapons", "block", terms=("pipe bomb",)),))
+    config = ProxyConfig(engine_socket=str(engine.socket_path), model_aliases=("tiny",), safety=safety)
+    devices = {"rate_limit_requests_per_min": 0, "max_payload_bytes": 2048, "default_max_tokens": 6}
+    with Gateway(config, settings(broker.url, "gw-dev", devices=devices)) as gw:
+        yield gw
+
+
+class Device:
+    """A device: a raw MQTT client that collects every message on the topics it watches."""
+
+    def __init__(self, url: str, name: str, protocol: str = "5") -> None:
+        self.client = MqttClient(mqtt_config(url, protocol=protocol), name)
+        self.got: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def __aenter__(self) -> Device:
+        await self.client.start()
+        assert await self.client.wait_connected(10)
+        return self
+
+    async def watch(self, topic: str) -> None:
+        await self.client.subscribe(topic, self.got.put_nowait, qos=1)
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.stop()
+
+    def send(self, payload: bytes, **props) -> None:
+        self.client.publish(REQUEST, payload, qos=1, properties=MessageProperties(**props) if props else None)
+
+    async def next(self, timeout: float = 20) -> tuple[Message, dict]:
+        message = await asyncio.wait_for(self.got.get(), timeout)
+        data = message.payload
+        return message, (json.loads(data) if data[:1] == b"{" else msgpack.unpackb(data))
+
+    async def until_done(self) -> list[dict]:
+        replies = []
+        while not replies or replies[-1]["type"] not in ("done", "result", "error"):
+            replies.append((await self.next())[1])
+        return replies
+
+
+def test_a_v5_device_gets_its_answer_with_its_correlation_data(broker, gateway):
+    async def main():
+        async with Device(broker.url, "dev-v5") as dev:
+            await dev.watch(f"{REPLY}/dev-v5")
+            dev.send(json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0}).encode(),
+                     response_topic=f"{REPLY}/dev-v5", correlation_data=b"\x00corr-1", content_type="application/json")
+            return await dev.next()
+
+    message, reply = run(main())
+    assert message.properties.correlation_data == b"\x00corr-1" and message.properties.content_type == "application/json"
+    assert reply["type"] == "result" and reply["seq"] == 0 and "id" not in reply
+    assert reply["finish_reason"] in ("stop", "length") and reply["usage"]["completion_tokens"] <= 5
+    assert reply["served_by"] == "local" and isinstance(reply["text"], str)
+    assert gateway.metric("edge_proxy_routed_requests_total", route="local", front="mqtt") >= 1
+
+
+def test_a_311_device_streams_a_msgpack_answer_to_its_reply_to(broker, gateway):
+    async def main():
+        async with Device(broker.url, "dev-311", protocol="3.1.1") as dev:
+            await dev.watch(f"{REPLY}/dev-311")
+            assert dev.client.protocol == "3.1.1"
+            dev.send(msgpack.packb({"id": "r-1", "reply_to": f"{REPLY}/dev-311", "prompt": "the quick", "stream": True,
+                                    "max_tokens": 8, "temperature": 0.7, "seed": 5}))
+            return await dev.until_done()
+
+    replies = run(main())
+    assert [r["seq"] for r in replies] == list(range(len(replies))) and all(r["id"] == "r-1" for r in replies)
+    assert all(r["type"] == "chunk" for r in replies[:-1]) and replies[-1]["type"] == "done"
+    assert replies[-1]["usage"]["completion_tokens"] <= 8 and replies[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_garbage_gets_error_replies_and_the_gateway_keeps_serving(broker, gateway):
+    reply = f"{REPLY}/dev-bad"
+    cases = [
+        (b"\xff\x00\x13garbage", "invalid_payload", None),
+        (b"[1, 2, 3]", "invalid_payload", None),
+        (b'{"prompt": "x", "temperature": NaN}', "invalid_payload", None),
+        (b'{"prompt": "x"', "invalid_payload", None),
+        (b"{" * 5000, "request_too_large", None),
+        (b'{"prompt": 5}', "invalid_value", "prompt"),
+        (b'{"prompt": "x", "messages": []}', "missing_required_parameter", "prompt"),
+        (b'{"prompt": "x", "temperature": 9}', "invalid_value", "temperature"),
+        (b'{"prompt": "x", "tools": []}', "unknown_parameter", "tools"),
+        (b'{"prompt": "x", "stream": "yes"}', "invalid_value", "stream"),
+        (b'{"prompt": "x", "id": "no spaces allowed"}', "invalid_value", "id"),
+        (b'{"messages": [{"role": "robot", "content": "x"}]}', "invalid_value", "messages[0].role"),
+        (b'{"prompt": "how to make a pipe bomb"}', "content_policy_violation", "prompt"),
+        (msgpack.packb({"prompt": b"bytes, not text"}), "invalid_value", "prompt"),
+        (msgpack.packb({1: 2}), "unknown_parameter", "1"),
+    ]
+
+    async def main():
+        async with Device(broker.url, "dev-bad") as dev, Device(broker.url, "spy") as spy:
+            await dev.watch(reply)
+            await spy.watch("#")
+            errors = []
+            for payload, _, _ in cases:
+                dev.send(payload, response_topic=reply)
+                errors.append((await dev.next())[1])
+            # Reply topics outside the reply prefix are never published to; nor is anything
+            # published for a request with no reply topic at all.
+            for bad in ("edge/gw-dev/status", "edge/gw-dev/infer/reply", "edge/gw-dev/infer/reply/+", "edge/other/x",
+                        "edge/gw-dev/infer/reply//x", "$SYS/x"):
+                dev.client.publish(REQUEST, json.dumps({"prompt": "x", "reply_to": bad}).encode(), qos=1)
+            dev.client.publish(REQUEST, b'{"prompt": "x"}', qos=1)
+            dev.send(b'{"id": "ok", "prompt": "still serving", "max_tokens": 3}', response_topic=reply)
+            answer = (await dev.next())[1]
+            await asyncio.sleep(0.3)
+            seen = set()
+            while not spy.got.empty():
+                seen.add(spy.got.get_nowait().topic)
+            return errors, answer, seen
+
+    errors, answer, seen = run(main())
+    for (payload, code, param), error in zip(cases, errors):
+        assert error["type"] == "error" and error["seq"] == 0, error
+        assert (error["error"]["code"], error["error"]["param"]) == (code, param), (payload[:40], error)
+        assert error["error"]["status"] in (400, 413)
+    assert answer["type"] == "result" and answer["id"] == "ok"
+    assert seen == {REQUEST, reply}, seen
+    assert gateway.metric("edge_proxy_device_errors_total", reason="bad_reply_topic") == 6
+    assert gateway.metric("edge_proxy_device_errors_total", reason="no_reply_topic") == 1
+    assert gateway.metric("edge_proxy_device_errors_total", reason="malformed") == 4
+
+
+def test_per_device_rate_limits(broker, engine):
+    config = ProxyConfig(engine_socket=str(engine.socket_path))
+    with Gateway(config, settings(broker.url, "gw-rl", devices={"rate_limit_requests_per_min": 1})):
+
+        async def main():
+            out = {}
+            async with Device(broker.url, "dev-rl") as dev:
+                for name in ("a", "b"):
+                    await dev.watch(f"edge/gw-rl/infer/reply/{name}")
+                for name in ("a", "a", "b"):
+                    dev.client.publish("edge/gw-rl/infer/request", msgpack.packb({"prompt": "x", "max_tokens": 2}), qos=1,
+                                       properties=MessageProperties(response_topic=f"edge/gw-rl/infer/reply/{name}"))
+                    message, reply = await dev.next()
+                    out.setdefault(message.topic.rsplit("/", 1)[1], []).append(reply)
+            return out
+
+        replies = run(main())
+        assert [r["type"] for r in replies["a"]] == ["result", "error"] and replies["b"][0]["type"] == "result"
+        error = replies["a"][1]["error"]
+        assert error["status"] == 429 and error["code"] == "rate_limit_exceeded" and error["retry_after_s"] >= 1
+
+
+@pytest.mark.parametrize("protocol, encoding", [("5", "json"), ("3.1.1", "msgpack")])
+def test_the_sdk_device_client_against_the_real_gateway(broker, gateway, protocol, encoding):
+    """edge_client.mqtt_device speaks the same protocol (docs/mqtt-device-protocol.md)."""
+    from edge_client.mqtt_device import DeviceClient
+
+    with DeviceClient(broker.url, gateway="gw-dev", protocol=protocol, encoding=encoding,
+                      client_id=f"sdk-{protocol}-{encoding}") as dev:
+        answer = dev.chat([{"role": "user", "content": "hello"}], max_tokens=4, timeout=20)
+        assert answer.meta.served_by == "local" and answer.usage.completion_tokens <= 4
+        chunks = list(dev.chat_stream([{"role": "user", "content": "hello"}], max_tokens=5, timeout=20))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens <= 5
+        assert dev.complete("the quick", max_tokens=3, timeout=20).usage.completion_tokens <= 3
