@@ -30,9 +30,10 @@ class Responder:
     def __init__(self, port: int) -> None:
         self.requests: list[dict] = []
         self.traces: list[dict | None] = []
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # set once its subscription is acknowledged
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="responder", protocol=paho.MQTTv5)
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self.connected.set()
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 2)
@@ -42,7 +43,6 @@ class Responder:
 
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
         client.subscribe(f"edge/{GW}/infer/request", qos=1)
-        self.connected.set()
 
     def _on_message(self, client, userdata, msg) -> None:
         props = msg.properties
@@ -132,6 +132,11 @@ def test_reconnects_after_a_broker_restart(broker, responder):
     with DeviceClient(broker.url, gateway=GW, client_id="dev-restart") as dev:
         assert dev.chat([{"role": "user", "content": "one"}]).text == "eno"
         broker.stop()
+        # Both sides must have seen the drop first, or the waits below pass on the old session.
+        deadline = time.monotonic() + 20
+        while responder.connected.is_set() or dev._subscribed.is_set():
+            assert time.monotonic() < deadline, "the broker's stop went unnoticed"
+            time.sleep(0.05)
         broker.start()
         assert responder.connected.wait(20) and dev._subscribed.wait(20)
         assert dev.chat([{"role": "user", "content": "two"}], timeout=20).text == "owt"

@@ -17,8 +17,8 @@ from edge_runtime.tokenizer import Tokenizer
 
 class EdgeEngine:
     def __init__(self, args: argparse.Namespace) -> None:
+        self.tokenizer = Tokenizer.from_dir(args.model)  # first, as LocalModel does: lower peak RSS
         self.backend = OnnxRuntimeBackend(args.model, max_batch=1, max_context=args.ctx, threads=args.threads)
-        self.tokenizer = Tokenizer.from_dir(args.model)
         self.version = f"edge-runtime {version('edge-runtime')}, onnxruntime {onnxruntime.__version__}"
 
     def run(self, prompt_ids: list[int], gen_tokens: int) -> harness.Run:
