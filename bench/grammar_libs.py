@@ -1,7 +1,8 @@
 """Which grammar engine computes token masks fastest on the default model's vocabulary (not a
 test): xgrammar, llguidance and outlines-core, each given the same JSON schema and the same
 valid output, timed per token (mask + advance), plus its one-off costs (tokenizer info,
-grammar compile). Writes bench/results/grammar_libs-smollm2-135m.{json,md}.
+grammar compile), on two workloads: a small object of mostly forced keys, and 40 objects of
+free strings and numbers. Writes bench/results/grammar_libs-smollm2-135m.{json,md}.
 
     pip install xgrammar outlines-core   # measured here only; the engine depends on llguidance alone
     python bench/grammar_libs.py [--model DIR] [--repeat N]
@@ -35,6 +36,17 @@ SCHEMA = {
 }
 OUTPUT = {"sensor": "temperature", "location": "greenhouse north wall", "value": 21.75, "unit": "celsius",
           "ok": True, "tags": ["hourly", "calibrated", "zone-3"]}
+READINGS = {  # bench/agent_bench.py's schema
+    "type": "object",
+    "properties": {"readings": {"type": "array", "minItems": 40, "maxItems": 40, "items": {
+        "type": "object",
+        "properties": {"room": {"type": "string", "maxLength": 12}, "celsius": {"type": "number"}, "ok": {"type": "boolean"}},
+        "required": ["room", "celsius", "ok"], "additionalProperties": False,
+    }}},
+    "required": ["readings"], "additionalProperties": False,
+}
+READINGS_OUTPUT = {"readings": [{"room": f"room {i}", "celsius": round(18 + i * 0.37, 2), "ok": i % 3 > 0} for i in range(40)]}
+WORKLOADS = {"6 properties": (SCHEMA, OUTPUT), "40 objects": (READINGS, READINGS_OUTPUT)}
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -43,12 +55,12 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t
 
 
-def bench_llguidance(tok_json: str, eos: list[int], vocab: int, ids: list[int]) -> dict[str, Any]:
+def bench_llguidance(tok_json: str, eos: list[int], vocab: int, schema: dict, ids: list[int]) -> dict[str, Any]:
     import llguidance
     from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
     lltok, t_info = _timed(lambda: llguidance.LLTokenizer(tok_json, n_vocab=vocab, eos_token=eos))
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
     matcher, t_compile = _timed(lambda: llguidance.LLMatcher(lltok, grammar))
     assert not matcher.is_error(), matcher.get_error()
     mask = allocate_token_bitmask(1, vocab)
@@ -69,14 +81,14 @@ def bench_llguidance(tok_json: str, eos: list[int], vocab: int, ids: list[int]) 
     return {"tokenizer_info_s": t_info, "compile_s": t_compile, "run": run}
 
 
-def bench_xgrammar(model_dir: Path, vocab: int, ids: list[int]) -> dict[str, Any]:
+def bench_xgrammar(model_dir: Path, vocab: int, schema: dict, ids: list[int]) -> dict[str, Any]:
     import transformers
     import xgrammar as xgr
 
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
     info, t_info = _timed(lambda: xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab))
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-    compiled, t_compile = _timed(lambda: compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":")))
+    compiled, t_compile = _timed(lambda: compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":")))
     mask = xgr.allocate_token_bitmask(1, vocab)
 
     def run() -> list[float]:
@@ -93,7 +105,7 @@ def bench_xgrammar(model_dir: Path, vocab: int, ids: list[int]) -> dict[str, Any
     return {"tokenizer_info_s": t_info, "compile_s": t_compile, "run": run}
 
 
-def bench_outlines(tok_json: str, eos: int, vocab: int, ids: list[int]) -> dict[str, Any]:
+def bench_outlines(tok_json: str, eos: int, vocab: int, schema: dict, ids: list[int]) -> dict[str, Any]:
     import outlines_core
     from outlines_core.json_schema import build_regex_from_schema
 
@@ -108,7 +120,7 @@ def bench_outlines(tok_json: str, eos: int, vocab: int, ids: list[int]) -> dict[
         return outlines_core.Vocabulary(eos, tokens)
 
     voc, t_info = _timed(vocabulary)
-    regex = build_regex_from_schema(json.dumps(SCHEMA), whitespace_pattern=r"[ ]?")
+    regex = build_regex_from_schema(json.dumps(schema), whitespace_pattern=r"[ ]?")
     index, t_compile = _timed(lambda: outlines_core.Index(regex, voc))
     mask = np.zeros((vocab + 31) // 32, dtype=np.int32)
 
@@ -136,40 +148,40 @@ def main() -> None:
     model_dir = args.model or resolve_model(None, quiet=True)
     tok = Tokenizer.from_dir(model_dir)
     tok_json = (model_dir / "tokenizer.json").read_text()
-    text = json.dumps(OUTPUT, separators=(",", ":"))
-    outlines_text = json.dumps(OUTPUT)  # outlines' regex wants its own separators
-    ids = tok.encode(text, add_special_tokens=False)
     vocab = tok.vocab_size
-    libs = {
-        "llguidance": lambda: bench_llguidance(tok_json, tok.eos_token_ids, vocab, ids),
-        "xgrammar": lambda: bench_xgrammar(model_dir, vocab, ids),
-        "outlines-core": lambda: bench_outlines(tok_json, tok.eos_token_ids[0], vocab,
-                                                tok.encode(outlines_text, add_special_tokens=False)),
-    }
     rows = []
-    for name, make in libs.items():
-        setup = make()
-        per_token = []
-        for _ in range(args.repeat):
-            per_token += setup["run"]()
-        rows.append({
-            "library": name, "version": _version(name), "tokenizer_info_s": round(setup["tokenizer_info_s"], 4),
-            "compile_s": round(setup["compile_s"], 4),
-            "mask_us_median": round(statistics.median(per_token) * 1e6, 1),
-            "mask_us_p90": round(float(np.percentile(per_token, 90)) * 1e6, 1),
-            "mask_us_mean": round(statistics.fmean(per_token) * 1e6, 1),
-        })
-        print(rows[-1], flush=True)
-    headers = ["library", "version", "tokenizer info (s)", "compile (s)", "mask+advance median (µs)", "p90 (µs)", "mean (µs)"]
+    for workload, (schema, output) in WORKLOADS.items():
+        ids = tok.encode(json.dumps(output, separators=(",", ":")), add_special_tokens=False)
+        loose = tok.encode(json.dumps(output), add_special_tokens=False)  # outlines' regex wants its own separators
+        libs = {
+            "llguidance": lambda: bench_llguidance(tok_json, tok.eos_token_ids, vocab, schema, ids),
+            "xgrammar": lambda: bench_xgrammar(model_dir, vocab, schema, ids),
+            "outlines-core": lambda: bench_outlines(tok_json, tok.eos_token_ids[0], vocab, schema, loose),
+        }
+        for name, make in libs.items():
+            setup = make()
+            per_token = []
+            for _ in range(args.repeat):
+                per_token += setup["run"]()
+            rows.append({
+                "workload": f"{workload} ({len(ids)} tokens)", "library": name, "version": _version(name),
+                "tokenizer_info_s": round(setup["tokenizer_info_s"], 4), "compile_s": round(setup["compile_s"], 4),
+                "mask_us_median": round(statistics.median(per_token) * 1e6, 1),
+                "mask_us_p90": round(float(np.percentile(per_token, 90)) * 1e6, 1),
+                "mask_us_mean": round(statistics.fmean(per_token) * 1e6, 1),
+            })
+            print(rows[-1], flush=True)
+    headers = ["workload", "library", "version", "tokenizer info (s)", "compile (s)", "mask+advance median (µs)", "p90 (µs)",
+               "mean (µs)"]
     table = benchlib.markdown_table(headers, [list(r.values()) for r in rows])
     info = benchlib.machine_info()
     md = (f"# Grammar engines: token mask cost on the default model's vocabulary ({vocab} tokens)\n\n"
           f"Command: `{benchlib.command_line()}`\n\nMachine: {info['cpu_model']}, {info['usable_cpus']} usable CPUs, "
-          f"load {info['load_avg_1m_at_start']} at start. One thread per library; {len(ids)} tokens of a valid "
-          f"answer to a 6-property schema, {args.repeat} runs.\n\n{table}\n")
+          f"load {info['load_avg_1m_at_start']} at start. One thread per library; the tokens of a valid answer fed one "
+          f"at a time (mask, then advance), {args.repeat} runs per workload.\n\n{table}\n")
     out = benchlib.BENCH_DIR / "results" / "grammar_libs-smollm2-135m.json"
     benchlib.write_results(out, {"machine": info, "command": benchlib.command_line(), "vocab_size": vocab,
-                                 "tokens_per_run": len(ids), "repeat": args.repeat, "schema": SCHEMA, "rows": rows}, md)
+                                 "repeat": args.repeat, "workloads": {k: v[0] for k, v in WORKLOADS.items()}, "rows": rows}, md)
 
 
 def _version(dist: str) -> str:

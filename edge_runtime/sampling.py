@@ -161,17 +161,18 @@ class Sampler:
         return out
 
     def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> tuple[int, float | None]:
-        """Pick the next token from float32 logits [vocab]; `allowed` (bool [vocab], from a
-        grammar) masks the penalized logits, so greedy and sampled picks both stay inside it.
-        Returns (token_id, logprob), the logprob being the model's (log-softmax of the raw
-        logits) when params.logprobs is set, else None."""
+        """Pick the next token from float32 logits [vocab]. `allowed` (from a grammar: a bool mask
+        [vocab], or the allowed token ids, ascending) restricts the pick after the penalties, so
+        greedy and sampled picks both stay inside it. Returns (token_id, logprob), the logprob
+        being the model's (log-softmax of the raw logits) when params.logprobs is set, else None."""
         x = self.penalize(logits)
-        if allowed is not None:
+        ids = None
+        if allowed is not None and allowed.dtype == np.bool_:
             x = np.where(allowed, x, np.float32(-np.inf))
-        if self.params.temperature < _GREEDY_BELOW:
-            token = int(np.argmax(x))
-        else:
-            token = self._draw(x)
+        elif allowed is not None:  # a few ids: choose among them alone
+            ids, x = allowed, x[allowed]
+        i = int(np.argmax(x)) if self.params.temperature < _GREEDY_BELOW else self._draw(x)
+        token = i if ids is None else int(ids[i])
         self.record(token)
         logprob = _logprob(logits, token) if self.params.logprobs else None
         return token, logprob
