@@ -4,29 +4,18 @@ rule raises ConfigError with a message that starts with the key at fault."""
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Callable
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import DEFAULT_CONFIG_PATH, ConfigError
+from edge_runtime.config import ConfigError, read_config_file
 
 Rule = Callable[[str, Any], None]
 
 
-def read_file(path: Path | None) -> tuple[dict[str, Any], Path | None]:
-    """The parsed file at `path` (without one: /etc/edge-runtime/config.toml if present, else {})."""
-    if path is None:
-        if not DEFAULT_CONFIG_PATH.is_file():
-            return {}, None
-        path = DEFAULT_CONFIG_PATH
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8")), Path(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+# Every process reads its own tables from the one file, read the same way.
+read_file = read_config_file
 
 
 def table(data: dict[str, Any], name: str, path: Path | None, known: set[str]) -> dict[str, Any]:
