@@ -88,9 +88,11 @@ class DeviceFront:
         self.reply_prefix = config.reply_prefix or f"{self.topics.prefix}/{self.gateway_id}/infer/reply"
         self.limiter.default = Limits(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min)
 
-    def start(self) -> None:
-        self.client.subscribe(self.request_topic, self._on_request, qos=1)
+    def start(self) -> list[asyncio.Future[int]]:
+        """Subscribe; the future resolves at the broker's acknowledgement."""
+        subscribed = [self.client.subscribe(self.request_topic, self._on_request, qos=1)]
         log.info("device front listening", extra={"topic": self.request_topic, "reply_prefix": self.reply_prefix})
+        return subscribed
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Take no more requests; let those in flight finish within `grace_s`, then cancel them."""

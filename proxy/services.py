@@ -14,6 +14,7 @@ file)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import secrets
@@ -120,6 +121,7 @@ class MqttServices:
         self.offloader: Offloader | None = None
         self.devices: DeviceFront | None = None
         self.worker: CloudWorker | None = None
+        self._subscribed: list[asyncio.Future[int]] = []  # the parts' subscriptions, until acknowledged
         self._proxy_live = {k: getattr(sidecar.config, k) for k in _LIVE_PROXY}
         mqtt = settings.mqtt
         if settings.role == GATEWAY and settings.fleet.enabled:
@@ -146,12 +148,9 @@ class MqttServices:
             self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics)
 
     async def start(self) -> None:
-        if self.offloader is not None:
-            self.offloader.start()
-        if self.devices is not None:
-            self.devices.start()
-        if self.worker is not None:
-            self.worker.start()
+        for part in (self.offloader, self.devices, self.worker):
+            if part is not None:
+                self._subscribed += part.start()
         if self.agent is not None:
             await self.agent.start()
         else:
@@ -160,6 +159,12 @@ class MqttServices:
         log.info("mqtt side started", extra={"role": self.settings.role, "gateway": self.gateway_id,
                                              "broker": self.settings.mqtt.url, "offload": self.offloader is not None,
                                              "devices": self.devices is not None, "fleet": self.agent is not None})
+
+    async def wait_subscribed(self, timeout: float) -> None:
+        """Until the broker has acknowledged every subscription of the offload, device and
+        worker parts: before that, a message sent to them can be dropped by the broker."""
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*self._subscribed)
 
     async def stop(self) -> None:
         await self.sidecar.generator.router.stop()

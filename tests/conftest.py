@@ -134,3 +134,16 @@ def mqtt_broker(tmp_path: Path):
 def mosquitto(mqtt_broker):
     """A private Mosquitto broker (no persistence) on a free loopback port."""
     return mqtt_broker()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    """A private Mosquitto broker shared by the tests of one module (modules may define their own)."""
+    from mqtt_harness import Broker, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    yield b
+    b.stop()

@@ -65,6 +65,7 @@ class Gateway:
         await web.TCPSite(self.runner, "127.0.0.1", 0).start()
         self.url = "http://127.0.0.1:%d" % self.runner.addresses[0][1]
         await self.services.client.wait_connected(10)
+        await self.services.wait_subscribed(10)
 
     def __enter__(self) -> Gateway:
         self._thread.start()

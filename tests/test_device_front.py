@@ -14,7 +14,6 @@ import msgpack
 import pytest
 from engine_harness import Engine
 from gateway_harness import Gateway, mqtt_config, settings
-from mqtt_harness import Broker, mosquitto_binary
 
 from proxy.config import ProxyConfig
 from proxy.mqtt import Message, MessageProperties, MqttClient
@@ -26,16 +25,6 @@ REPLY = "edge/gw-dev/infer/reply"
 
 def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    b = Broker(tmp_path_factory.mktemp("broker"))
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

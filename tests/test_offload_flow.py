@@ -14,7 +14,6 @@ import msgpack
 import pytest
 from engine_harness import Engine
 from gateway_harness import Gateway, kill, mqtt_config, post, settings, sse_text, wait_for, worker_process
-from mqtt_harness import Broker, mosquitto_binary
 
 from proxy.config import ProxyConfig
 from proxy.mqtt import MessageProperties, MqttClient, Topics
@@ -27,16 +26,6 @@ FORCE_OFFLOAD = {"max_memory_percent": 0.001}  # every device is "over" this: th
 
 def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    b = Broker(tmp_path_factory.mktemp("broker"))
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

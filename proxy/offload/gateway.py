@@ -42,11 +42,12 @@ class Offloader:
         self._session = secrets.token_hex(4)  # ids stay unique across restarts of this gateway
         self._inflight: dict[str, ReplyAssembler] = {}
 
-    def start(self) -> None:
-        """Subscribe to the reply topic (now, and after every reconnect); fail offloads in flight
-        when the connection drops."""
-        self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
+    def start(self) -> list[asyncio.Future[int]]:
+        """Subscribe to the reply topic (now, and after every reconnect; the future resolves at
+        the broker's acknowledgement); fail offloads in flight when the connection drops."""
+        subscribed = [self.client.subscribe(self.reply_topic, self._on_reply, qos=1)]
         self.client.on_disconnect(self._on_broker_lost)
+        return subscribed
 
     @property
     def available(self) -> bool:

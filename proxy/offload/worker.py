@@ -168,10 +168,12 @@ class CloudWorker:
         self._active: dict[str, asyncio.Task[None]] = {}
         self.served = 0
 
-    def start(self) -> None:
-        self.client.subscribe(self.subscription, self._on_request, qos=1)
-        self.client.subscribe(offload_cancel_topic(self.topics), self._on_cancel, qos=1)
+    def start(self) -> list[asyncio.Future[int]]:
+        """Subscribe; the futures resolve at the broker's acknowledgements."""
+        subscribed = [self.client.subscribe(self.subscription, self._on_request, qos=1),
+                      self.client.subscribe(offload_cancel_topic(self.topics), self._on_cancel, qos=1)]
         log.info("cloud worker subscribed", extra={"filter": self.subscription, "backend": self.backend.name})
+        return subscribed
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Take no more requests; let those being served finish within `grace_s`, then cancel
