@@ -127,5 +127,13 @@ def write_results(path: Path, data: dict[str, object], markdown: str) -> None:
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
+def report(path: Path | None, data: dict[str, object], markdown: str) -> None:
+    """Write the results where asked (write_results), else print the markdown summary."""
+    if path:
+        write_results(path, data, markdown)
+    else:
+        print(markdown)
+
+
 def command_line() -> str:
     return " ".join(["python", *sys.argv])

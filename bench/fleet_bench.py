@@ -198,10 +198,7 @@ def main() -> None:
         f"Goal: under {GOAL_PUSH_MS:g} ms push-to-reported: median {e['median_ms']} ms, p90 {e['p90_ms']} ms "
         f"({ok(e['p90_ms'] < GOAL_PUSH_MS)}).", "",
     ]
-    if args.out:
-        benchlib.write_results(args.out, data, "\n".join(md))
-    else:
-        print("\n".join(md))
+    benchlib.report(args.out, data, "\n".join(md))
 
 
 if __name__ == "__main__":

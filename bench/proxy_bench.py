@@ -260,10 +260,7 @@ def main() -> None:
         f"Goal: at least {GOAL_CACHE_RPS:g} cache-hit req/s: {b['req_per_s']} ({ok(b['req_per_s'] >= GOAL_CACHE_RPS)}; "
         f"with the default access log: {bl['req_per_s']}).", "",
     ]
-    if args.out:
-        benchlib.write_results(args.out, data, "\n".join(md))
-    else:
-        print("\n".join(md))
+    benchlib.report(args.out, data, "\n".join(md))
 
 
 if __name__ == "__main__":

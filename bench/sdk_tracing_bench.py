@@ -290,10 +290,7 @@ def main() -> None:
         "gateway fails); `idempotent`: the caller declares them safe to repeat (EdgeClient(idempotent=True)). SIGTERM is the "
         "graceful stop (the sidecar stops listening, answers what is in flight with `Connection: close`).", "",
     ]
-    if args.out:
-        benchlib.write_results(args.out, data, "\n".join(md))
-    else:
-        print("\n".join(md))
+    benchlib.report(args.out, data, "\n".join(md))
 
 
 if __name__ == "__main__":
