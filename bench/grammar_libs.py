@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 import benchlib
+from agent_bench import SCHEMA as READINGS  # the schema agent_bench.py times decode with
 
 SCHEMA = {
     "type": "object",
@@ -36,15 +37,6 @@ SCHEMA = {
 }
 OUTPUT = {"sensor": "temperature", "location": "greenhouse north wall", "value": 21.75, "unit": "celsius",
           "ok": True, "tags": ["hourly", "calibrated", "zone-3"]}
-READINGS = {  # bench/agent_bench.py's schema
-    "type": "object",
-    "properties": {"readings": {"type": "array", "minItems": 40, "maxItems": 40, "items": {
-        "type": "object",
-        "properties": {"room": {"type": "string", "maxLength": 12}, "celsius": {"type": "number"}, "ok": {"type": "boolean"}},
-        "required": ["room", "celsius", "ok"], "additionalProperties": False,
-    }}},
-    "required": ["readings"], "additionalProperties": False,
-}
 READINGS_OUTPUT = {"readings": [{"room": f"room {i}", "celsius": round(18 + i * 0.37, 2), "ok": i % 3 > 0} for i in range(40)]}
 WORKLOADS = {"6 properties": (SCHEMA, OUTPUT), "40 objects": (READINGS, READINGS_OUTPUT)}
 

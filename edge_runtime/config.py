@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import EdgeRuntimeError
 from .protocol import DEFAULT_MAX_FRAME
@@ -70,6 +70,9 @@ def default_socket_path() -> Path:
     return Path(f"/tmp/edge-runtime-{os.getuid()}") / SOCKET_NAME
 
 
+T = TypeVar("T")
+
+
 def read_config_file(path: Path | None) -> tuple[dict[str, Any], Path | None]:
     """The parsed file at `path` (without one: /etc/edge-runtime/config.toml if present, else
     ({}, None)); every process reads its own tables from it."""
@@ -85,22 +88,27 @@ def read_config_file(path: Path | None) -> tuple[dict[str, Any], Path | None]:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
 
 
+def table_config(data: dict[str, Any], path: Path | None, name: str, cls: type[T]) -> T:
+    """The `[name]` table of a parsed config file as the dataclass `cls` (which validates its
+    values); unknown keys and bad values are refused naming the file, table and key."""
+    table = data.get(name, {})
+    where = f"{path}: [{name}]" if path else f"[{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {name} must be a table ([{name}])")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**table)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} {exc}") from None
+
+
 def load_config(path: Path | None = None) -> EngineConfig:
     """The config at `path`; without one, /etc/edge-runtime/config.toml if present, else defaults."""
     data, path = read_config_file(path)
-    if path is None:
-        return EngineConfig()
-    table = data.get("engine", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: engine must be a table ([engine])")
-    known = {f.name for f in dataclasses.fields(EngineConfig)}
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{path}: [engine] unknown key {key!r} (known: {', '.join(sorted(known))})")
-    try:
-        return EngineConfig(**table)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: [engine] {exc}") from None
+    return table_config(data, path, "engine", EngineConfig)
 
 
 # ---------------------------------------------------------------------------------------------- rules

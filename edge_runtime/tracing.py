@@ -8,7 +8,6 @@ sample_ratio); spans go to an OTLP/HTTP collector in batches, off the request pa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, read_config_file
+from .config import ConfigError, read_config_file, table_config
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -54,18 +53,7 @@ class TracingConfig:
 def load_tracing_config(path: Path | None = None) -> TracingConfig:
     """The `[tracing]` table of the config file (defaults without a file or a table)."""
     data, path = read_config_file(path)
-    table = data.get("tracing", {})
-    where = f"{path}: [tracing]" if path else "[tracing]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: tracing must be a table ([tracing])")
-    known = {f.name for f in dataclasses.fields(TracingConfig)}
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(sorted(known))})")
-    try:
-        return TracingConfig(**table)
-    except ConfigError as exc:
-        raise ConfigError(f"{where} {exc}") from None
+    return table_config(data, path, "tracing", TracingConfig)
 
 
 # ---------------------------------------------------------------------------------------------- state
