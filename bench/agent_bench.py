@@ -27,10 +27,11 @@ from edge_runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_runtime.builder.build import BuildOptions
 from edge_runtime.grammar import GrammarSpec
 from edge_runtime.prepare import RequestPreparer
-from edge_runtime.protocol import GenerateOp
+from edge_runtime.protocol import Generation
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.scheduler import Request, Scheduler
 from edge_runtime.tokenizer import Tokenizer
+from edge_wire.messages import ChatMessage, GenerateOp
 from proxy.safety import SafetyFilter
 from proxy.safety.policy import from_table
 
@@ -65,6 +66,13 @@ POLICY = {
 }
 
 
+def _chat(question: str, params: SamplingParams, grammar: GrammarSpec | None) -> Generation:
+    """One user turn with its grammar, as the engine holds a generate request."""
+    messages = [{"role": "user", "content": question}]
+    op = GenerateOp(id="bench", params=params, messages=[ChatMessage(**m) for m in messages])
+    return Generation(op, messages, None, grammar)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="built model directory (default: the default GGUF built to INT8 in bench/.cache)")
@@ -82,8 +90,7 @@ def run_batch(scheduler: Scheduler, preparer: RequestPreparer, batch: int, const
     tokens: list[list[int]] = [[] for _ in range(batch)]
     finished = [threading.Event() for _ in range(batch)]
     for i in range(batch):
-        op = GenerateOp(f"r{i}", params, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], grammar=grammar)
-        constraint, parser = preparer.constraint(op)
+        constraint, parser = preparer.constraint(_chat(QUESTIONS[i % len(QUESTIONS)], params, grammar))
 
         def sink(chunk: Any, i: int = i) -> None:
             arrivals[i].append(time.perf_counter())
@@ -108,9 +115,8 @@ def grammar_cost_us(preparer: RequestPreparer, token_runs: list[list[int]], voca
     constrained = plain = 0.0
     count = 0
     for run in token_runs:
-        op = GenerateOp("g", SamplingParams(max_tokens=MAX_TOKENS), messages=[{"role": "user", "content": "x"}],
-                        grammar=GrammarSpec("json_schema", schema=schema))
-        constraint, _ = preparer.constraint(op)
+        constraint, _ = preparer.constraint(_chat("x", SamplingParams(max_tokens=MAX_TOKENS),
+                                                  GrammarSpec("json_schema", schema=schema)))
         sampler = Sampler(SamplingParams(temperature=0.0), vocab)
         for token in run[:-1]:  # the last token of a stream is never advanced past
             t = time.perf_counter()

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from edge_wire.frames import BUSY, DEFAULT_MAX_FRAME, FRAME_TOO_LARGE, ProtocolError, encode_frame, read_frame
+
 from .config import default_socket_path
-from .protocol import BUSY, DEFAULT_MAX_FRAME, FRAME_TOO_LARGE, ProtocolError, encode_frame, read_frame
 
 log = logging.getLogger("edge_runtime.client")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import EdgeRuntimeError
-from .protocol import DEFAULT_MAX_FRAME
+from edge_wire.frames import DEFAULT_MAX_FRAME
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-runtime/config.toml")
 SOCKET_NAME = "engine.sock"

@@ -5,7 +5,7 @@ worker threads: templates, tokenizing and grammar compiles take milliseconds."""
 from __future__ import annotations
 
 from .grammar import Constraint, GrammarCompiler, json_grammar
-from .protocol import GenerateOp
+from .protocol import Generation
 from .tokenizer import Tokenizer
 from .tools import ToolCallParser, tool_format, uses_tools
 
@@ -16,31 +16,32 @@ class RequestPreparer:
         self.tool_format = tool_format(tokenizer.chat_template)
         self.grammars = GrammarCompiler(tokenizer, vocab_size)
 
-    def prompt_ids(self, op: GenerateOp) -> list[int]:
+    def prompt_ids(self, gen: Generation) -> list[int]:
         """A text prompt is encoded as is (with BOS where the model wants one); messages are
         rendered with the model's chat template, which writes BOS itself; tools and tool turns
         through the model's tool format."""
+        op = gen.op
         if op.prompt_ids is not None:
             return op.prompt_ids
-        if op.messages is None:
+        if gen.messages is None:
             return self.tokenizer.encode(op.prompt or "", add_special_tokens=True)
-        if op.tools or uses_tools(op.messages):
-            text = self.tool_format.render(self.tokenizer, op.messages, op.tools or [])
+        if gen.tools or uses_tools(gen.messages):
+            text = self.tool_format.render(self.tokenizer, gen.messages, gen.tools or [])
         else:
-            text = self.tokenizer.apply_chat_template(op.messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def constraint(self, op: GenerateOp) -> tuple[Constraint | None, ToolCallParser | None]:
+    def constraint(self, gen: Generation) -> tuple[Constraint | None, ToolCallParser | None]:
         """The grammar state of a new sequence (None without a grammar) and, for tool calls, the
         parser of its output. Raises InvalidRequest naming the schema that cannot be compiled."""
-        spec = op.grammar
+        spec = gen.grammar
         if spec is None:
             return None, None
         if spec.type == "json_object":
             return self.grammars.constraint(json_grammar({"type": "object"}, "grammar"), "grammar"), None
         if spec.type == "json_schema":
             return self.grammars.constraint(json_grammar(spec.schema or {}, "grammar.schema"), "grammar.schema"), None
-        tools = op.tools or []
+        tools = gen.tools or []
         for i, tool in enumerate(tools):  # checked one by one, so that the error names the tool
             param = f"tools[{i}].function.parameters"
             self.grammars.check(json_grammar(tool.parameters, param), param)

@@ -1,121 +1,50 @@
-"""Per-sequence sampling: request parameters, their validation, and a numpy sampler
-(penalties, temperature, top-k, top-p) fast enough for a ~50k vocabulary."""
+"""Per-sequence sampling: request parameters (their rules are edge_wire.sampling's) and a numpy
+sampler (penalties, temperature, top-k, top-p) fast enough for a ~50k vocabulary."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from edge_runtime.errors import InvalidRequest
+from edge_wire import sampling as wire
+from edge_wire.validation import explain
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 # Temperatures this small are greedy: dividing float32 logits by them would overflow.
 _GREEDY_BELOW = 1e-5
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # accept both signed and unsigned 64-bit seeds
 _NUCLEUS_WINDOW = 64  # first guess at how many top tokens hold the top_p mass
 _CDF_BLOCK = 256  # block size of the two-level inverse CDF
 
 
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt + output
-    presence_penalty: float = 0.0  # OpenAI style, over output
-    frequency_penalty: float = 0.0  # OpenAI style, over output
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: bool = False
+class SamplingParams(wire.SamplingParams):
+    """The protocol's sampling parameters, checked when built by hand (CLI, tests) as well as
+    when decoded from a frame."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise InvalidRequest naming the first bad parameter; coerce numbers to their type."""
-        self.max_tokens = _int("max_tokens", self.max_tokens, lo=1)
-        self.top_k = _int("top_k", self.top_k, lo=0)
-        self.temperature = _float("temperature", self.temperature, 0.0, 2.0)
-        self.top_p = _float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        # Bounded so that logits divided or multiplied by it stay finite in float32.
-        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, 0.01, 100.0)
-        self.presence_penalty = _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        if self.seed is not None:
-            self.seed = _int("seed", self.seed, lo=_SEED_MIN, hi=_SEED_MAX)
-        self.stop = _stop_strings(self.stop)
-        self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
-        _bool("ignore_eos", self.ignore_eos)
-        _bool("logprobs", self.logprobs)
+    def __post_init__(self) -> None:  # the protocol's own checks run inside _check
+        if isinstance(self.stop, str):  # one string is the wire's shorthand; in code, stop is a list
+            raise InvalidRequest("stop", "must be a list of strings")
+        checked = _check(msgspec.structs.asdict(self))
+        for name in self.__struct_fields__:  # numbers come back as their declared type
+            setattr(self, name, getattr(checked, name))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
-        """Build from a request body: unknown keys are rejected, None means "use the
-        default", and `stop` may be a single string (as the OpenAI API allows)."""
+        """Build from a request body: unknown keys are rejected, None means "use the default",
+        and `stop` may be a single string (as the OpenAI API allows)."""
         if not isinstance(d, Mapping):
             raise InvalidRequest("params", "must be an object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise InvalidRequest(str(key), "unknown parameter")
-        kwargs = {k: v for k, v in d.items() if v is not None}
-        if isinstance(kwargs.get("stop"), str):
-            kwargs["stop"] = [kwargs["stop"]]
-        return cls(**kwargs)
+        return cls(**msgspec.structs.asdict(_check({k: v for k, v in d.items() if v is not None})))  # stop: a list now
 
 
-def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise InvalidRequest(name, f"must be an integer, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise InvalidRequest(name, f"must be {bound}, got {value}")
-    return int(value)
-
-
-def _float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidRequest(name, f"must be a number, got {type(value).__name__}")
-    v = float(value)
-    too_low = v <= lo if lo_open else v < lo
-    if not math.isfinite(v) or too_low or v > hi:
-        left = "(" if lo_open else "["
-        raise InvalidRequest(name, f"must be in {left}{lo}, {hi}], got {value}")
-    return v
-
-
-def _bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise InvalidRequest(name, f"must be a boolean, got {type(value).__name__}")
-
-
-def _stop_strings(value: Any) -> list[str]:
-    if not isinstance(value, (list, tuple)):
-        raise InvalidRequest("stop", "must be a list of strings")
-    if len(value) > MAX_STOP_STRINGS:
-        raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
-    for s in value:
-        if not isinstance(s, str) or not s:
-            raise InvalidRequest("stop", "each stop string must be a non-empty string")
-        if len(s) > MAX_STOP_CHARS:
-            raise InvalidRequest("stop", f"each stop string must be <= {MAX_STOP_CHARS} chars")
-    return list(value)
-
-
-def _token_ids(name: str, value: Any) -> list[int]:
-    if not isinstance(value, (list, tuple)):
-        raise InvalidRequest(name, "must be a list of integers")
-    return [_int(name, t, lo=0) for t in value]
+def _check(values: dict[str, Any]) -> wire.SamplingParams:
+    try:
+        return msgspec.convert(values, wire.SamplingParams)
+    except msgspec.ValidationError as exc:
+        problem = explain(exc, wire.SamplingParams, values)
+        raise InvalidRequest(problem.path or "params", problem.phrase) from None
 
 
 class Sampler:

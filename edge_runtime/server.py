@@ -24,6 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from edge_wire.frames import (
+    BUSY, CONTEXT_LENGTH_EXCEEDED, DUPLICATE_ID, INTERNAL, INVALID_REQUEST, NOT_FOUND, SHUTTING_DOWN, VERSION,
+    ProtocolError, encode_frame, error_frame, read_frame,
+)
+from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, frame_id, parse_op
+
 from . import engine_spans, tracing
 from .config import ConfigError, EngineConfig
 from .errors import ContextLengthExceeded, EdgeRuntimeError, InvalidRequest
@@ -31,11 +39,7 @@ from .generate import GenerationChunk
 from .grammar import Constraint
 from .logs import setup_logging
 from .prepare import RequestPreparer
-from .protocol import (
-    BUSY, CONTEXT_LENGTH_EXCEEDED, DUPLICATE_ID, INTERNAL, INVALID_REQUEST, NOT_FOUND, SHUTTING_DOWN, VERSION,
-    CancelOp, GenerateOp, ModelsOp, ProtocolError, StatusOp, done_frame, encode_frame, error_frame,
-    frame_id, parse_op, read_frame, token_frame,
-)
+from .protocol import Generation, done_frame, generation, token_frame
 from .scheduler import Busy, Request, Scheduler, ShuttingDown
 from .sd_notify import notify, watchdog_interval_s
 from .tokenizer import Tokenizer
@@ -258,7 +262,7 @@ class _Connection:
         try:
             op = parse_op(frame)
             if isinstance(op, GenerateOp):
-                self._start_generate(op)
+                self._start_generate(generation(op))
             elif isinstance(op, CancelOp):
                 self._cancel_op(op)
             elif isinstance(op, StatusOp):
@@ -272,31 +276,34 @@ class _Connection:
             log.exception("request failed", extra={"conn": self.name, "request_id": frame_id(frame)})
             self.send(error_frame(frame_id(frame), INTERNAL, "internal error"))
 
-    def _start_generate(self, op: GenerateOp) -> None:
+    def _start_generate(self, gen: Generation) -> None:
+        op = gen.op
         if self.server.shutting_down:
             raise ProtocolError(SHUTTING_DOWN, "engine is shutting down; not accepting requests")
         if op.id in self.streams:
             raise ProtocolError(DUPLICATE_ID, f"id {op.id!r} is already in flight on this connection", "id")
         stream = _Stream(op.id, self.server.next_request_id(self.name, op.id))
         if tracing.enabled():
-            stream.timeline = engine_spans.Timeline(op.trace)
+            stream.timeline = engine_spans.Timeline(_trace(op))
         self.streams[op.id] = stream
         deadline = None if op.timeout_s is None else time.monotonic() + op.timeout_s
-        task = asyncio.create_task(self._submit(stream, op, deadline))
+        task = asyncio.create_task(self._submit(stream, gen, deadline))
         self._submitting.add(task)
         task.add_done_callback(self._submitting.discard)
 
-    async def _submit(self, stream: _Stream, op: GenerateOp, deadline: float | None) -> None:
+    async def _submit(self, stream: _Stream, gen: Generation, deadline: float | None) -> None:
+        op = gen.op
         prompt_field = "messages" if op.messages is not None else "prompt_ids" if op.prompt_ids is not None else "prompt"
         try:
             # Off the loop: rendering, tokenizing and compiling a grammar take a while.
-            prompt_ids, constraint, parser = await asyncio.to_thread(self._prepare, op)
+            prompt_ids, constraint, parser = await asyncio.to_thread(self._prepare, gen)
             if stream.cancelled:
                 self._end(stream, done_frame(stream.id, "cancelled", None, None))
                 return
             if self.server.shutting_down:
                 raise ShuttingDown()
-            request = Request(stream.request_id, prompt_ids, op.params, deadline, op.trace, constraint=constraint, tool_parser=parser)
+            request = Request(stream.request_id, prompt_ids, op.params, deadline, _trace(op), constraint=constraint,
+                              tool_parser=parser)
             if stream.timeline is not None:
                 stream.timeline.submit(request)
             self.server.scheduler.submit(request, self._sink(stream))
@@ -304,7 +311,7 @@ class _Connection:
             log.debug(
                 "submitted",
                 extra={"conn": self.name, "request_id": stream.request_id, "prompt_tokens": len(prompt_ids),
-                       "traceparent": (op.trace or {}).get("traceparent")},
+                       "traceparent": op.trace.traceparent if op.trace else None},
             )
         except Busy as exc:
             self._end(stream, error_frame(stream.id, BUSY, str(exc), None, exc.estimated_wait_s))
@@ -319,9 +326,9 @@ class _Connection:
             log.exception("generate failed", extra={"conn": self.name, "request_id": stream.request_id})
             self._end(stream, error_frame(stream.id, INTERNAL, "internal error"))
 
-    def _prepare(self, op: GenerateOp) -> tuple[list[int], Constraint | None, ToolCallParser | None]:
+    def _prepare(self, gen: Generation) -> tuple[list[int], Constraint | None, ToolCallParser | None]:
         preparer = self.server.preparer
-        return (preparer.prompt_ids(op), *preparer.constraint(op))
+        return (preparer.prompt_ids(gen), *preparer.constraint(gen))
 
     def _cancel_op(self, op: CancelOp) -> None:
         stream = self.streams.get(op.id)
@@ -533,3 +540,8 @@ def warmup_ids(tokenizer: Tokenizer, prompts: tuple[str | dict[str, str], ...]) 
         except EdgeRuntimeError as exc:
             raise ConfigError(f"warmup_prompts[{i}]: {exc}") from None
     return out
+
+
+def _trace(op: GenerateOp) -> dict[str, str] | None:
+    """The caller's trace context as the span helpers take it."""
+    return msgspec.to_builtins(op.trace) if op.trace is not None else None

@@ -9,7 +9,7 @@ import math
 from aiohttp import web
 
 from edge_runtime.client import CONNECTION_LOST, EngineError
-from edge_runtime.protocol import BUSY, CONTEXT_LENGTH_EXCEEDED, FRAME_TOO_LARGE, INVALID_REQUEST, SHUTTING_DOWN
+from edge_wire.frames import BUSY, CONTEXT_LENGTH_EXCEEDED, FRAME_TOO_LARGE, INVALID_REQUEST, SHUTTING_DOWN
 
 INVALID = "invalid_request_error"
 SERVER = "server_error"

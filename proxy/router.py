@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from edge_runtime.client import CONNECTION_LOST, Busy, EngineError
-from edge_runtime.protocol import BUSY, INTERNAL, SHUTTING_DOWN
+from edge_wire.frames import BUSY, INTERNAL, SHUTTING_DOWN
 
 from .breaker import OPEN, Breaker
 from .engine import EngineLink

@@ -8,16 +8,18 @@ import msgpack
 import pytest
 
 from edge_runtime import protocol
-from edge_runtime.protocol import CancelOp, GenerateOp, ModelsOp, ProtocolError, StatusOp, parse_op
+from edge_wire import frames, messages
+from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, parse_op
+from edge_wire.frames import ProtocolError
 
 
-def _read(data: bytes, max_size: int = protocol.DEFAULT_MAX_FRAME, eof: bool = True):
+def _read(data: bytes, max_size: int = frames.DEFAULT_MAX_FRAME, eof: bool = True):
     async def run():
         reader = asyncio.StreamReader()
         reader.feed_data(data)
         if eof:
             reader.feed_eof()
-        return await protocol.read_frame(reader, max_size)
+        return await frames.read_frame(reader, max_size)
 
     return asyncio.run(run())
 
@@ -28,7 +30,7 @@ def _frame_of(payload: bytes) -> bytes:
 
 def test_round_trip_and_clean_eof():
     frame = {"id": "a", "type": "token", "text": "héllo", "token_id": 7}
-    data = protocol.encode_frame(frame)
+    data = frames.encode_frame(frame)
     assert data[:4] == struct.pack(">I", len(data) - 4)
     assert _read(data) == frame
     assert _read(b"") is None
@@ -118,9 +120,9 @@ def test_invalid_ops(frame, code, param):
 
 
 def test_frame_id_echoes_only_valid_ids():
-    assert protocol.frame_id({"id": "abc"}) == "abc"
-    assert protocol.frame_id({"id": 3}) is None
-    assert protocol.frame_id({"id": "x" * 129}) is None
+    assert messages.frame_id({"id": "abc"}) == "abc"
+    assert messages.frame_id({"id": 3}) is None
+    assert messages.frame_id({"id": "x" * 129}) is None
 
 
 def test_done_frame_fields():

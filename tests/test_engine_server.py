@@ -23,7 +23,7 @@ from edge_runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_runtime.builder.build import BuildOptions, build
 from edge_runtime.client import Busy, EngineClient, EngineError
 from edge_runtime.generate import generate
-from edge_runtime.protocol import encode_frame
+from edge_wire.frames import encode_frame
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.server import EngineServer
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from edge_runtime.client import EngineError
-from edge_runtime.protocol import BUSY, INTERNAL, INVALID_REQUEST
+from edge_wire.frames import BUSY, INTERNAL, INVALID_REQUEST
 
 from .. import trace_mqtt
 from ..engine import EngineLink
