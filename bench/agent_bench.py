@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import numpy as np
 
-import benchlib
 from edge_runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_runtime.builder.build import BuildOptions
 from edge_runtime.grammar import GrammarSpec

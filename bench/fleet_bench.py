@@ -83,7 +83,7 @@ def overhead(sidecars: dict[str, Proc], window: float) -> dict[str, dict[str, fl
 
 
 async def pushes(url: str, n: int) -> dict[str, object]:
-    from proxy.fleet.edgectl import Controller
+    from edgectl.cli import Controller
     from proxy.mqtt import MqttConfig
 
     results: dict[str, object] = {}

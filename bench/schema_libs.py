@@ -1,6 +1,11 @@
 """Parse+validate a typical chat request: msgspec vs pydantic v2 (same shape, same rules)."""
-import json, subprocess, sys, time, timeit
+import json
+import subprocess
+import sys
+import time
+import timeit
 from typing import Annotated, Literal, Optional, Union
+
 BODY = json.dumps({"model": "smollm2-135m-instruct", "messages": [
     {"role": "system", "content": "You are a helpful assistant on a gateway."},
     {"role": "user", "content": "What is the temperature in the server room? Answer briefly."}],
@@ -8,6 +13,8 @@ BODY = json.dumps({"model": "smollm2-135m-instruct", "messages": [
 
 import msgspec
 from msgspec import Meta, Struct
+
+
 class MMsg(Struct, forbid_unknown_fields=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, None] = None
@@ -25,6 +32,8 @@ mdec = msgspec.json.Decoder(MChat)
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
+
+
 class PMsg(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             return _serve(args)
         elif args.command == "up":
-            from proxy.stack import up
+            from proxy.up import up
 
             return up(args.config, args.host, args.port, args.model, mqtt=args.mqtt, gateway_id=args.gateway_id)
         else:

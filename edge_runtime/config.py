@@ -6,14 +6,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import EdgeRuntimeError
+import tomllib
+
 from edge_wire.frames import DEFAULT_MAX_FRAME
+
+from .errors import EdgeRuntimeError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-runtime/config.toml")
 SOCKET_NAME = "engine.sock"

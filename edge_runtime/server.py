@@ -27,8 +27,18 @@ from typing import Any
 import msgspec
 
 from edge_wire.frames import (
-    BUSY, CONTEXT_LENGTH_EXCEEDED, DUPLICATE_ID, INTERNAL, INVALID_REQUEST, NOT_FOUND, SHUTTING_DOWN, VERSION,
-    ProtocolError, encode_frame, error_frame, read_frame,
+    BUSY,
+    CONTEXT_LENGTH_EXCEEDED,
+    DUPLICATE_ID,
+    INTERNAL,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    SHUTTING_DOWN,
+    VERSION,
+    ProtocolError,
+    encode_frame,
+    error_frame,
+    read_frame,
 )
 from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, frame_id, parse_op
 

@@ -21,17 +21,14 @@ RepetitionPenalty = Annotated[float, Meta(ge=0.01, le=100.0, description="HF/CTR
 PresencePenalty = Annotated[float, Meta(ge=-2.0, le=2.0, description="OpenAI style, over the output")]
 FrequencyPenalty = Annotated[float, Meta(ge=-2.0, le=2.0, description="OpenAI style, over the output")]
 # msgspec holds ints of up to 64 bits (signed or unsigned), which is the seed's range.
-Seed = Annotated[int, Meta(ge=-(2**63), description="64-bit seed, signed or unsigned")]
+Seed = Annotated[int, Meta(ge=-(2**63), description="64-bit seed, signed or unsigned", extra_json_schema={"maximum": 2**64 - 1})]
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Meta(max_length=MAX_STOP, description=f"up to {MAX_STOP} stop strings")]
 _SEED_MAX = 2**64 - 1
 TokenId = Annotated[int, Meta(ge=0, le=MAX_INT)]
 
 
-class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    """The engine's `params` map (docs/engine-protocol.md)."""
-
-    max_tokens: MaxTokens = 256
+class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK = 0
@@ -49,3 +46,15 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, o
             self.stop = [self.stop]
         if self.seed is not None and self.seed > _SEED_MAX:  # Meta bounds stop at int64
             raise ValueError(f"seed: must be at most {_SEED_MAX}, got {self.seed}")
+
+
+class SamplingParams(_Sampling, kw_only=True):
+    """The engine's `params` map (docs/engine-protocol.md)."""
+
+    max_tokens: MaxTokens = 256
+
+
+class RequestedSampling(_Sampling, kw_only=True):
+    """Sampling as a client asked for it: a max_tokens it left out is the engine's to choose."""
+
+    max_tokens: Optional[MaxTokens] = None

@@ -5,7 +5,8 @@ in the schema's Meta."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -37,6 +38,8 @@ class Problem:
     kind: str  # UNKNOWN_FIELD, MISSING_FIELD or BAD_VALUE
     path: str
     phrase: str
+    out_of_bounds: bool = False  # a value of the right type that broke a bound (not a type mismatch)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the failing field's Meta(extra=...)
 
     def message(self, sep: str = " ") -> str:
         return f"{self.path}{sep}{self.phrase}" if self.path else self.phrase
@@ -50,7 +53,7 @@ def explain(exc: msgspec.ValidationError, schema: Any, value: Any) -> Problem:
         return Problem(UNKNOWN_FIELD, _join(steps + [m["name"]]), "is not a known field")
     if (m := _MISSING.match(what)) is not None:
         return Problem(MISSING_FIELD, _join(steps + [m["name"]]), "is required")
-    kind = _type_at(mi.type_info(schema), steps)
+    kind, extra = _type_at(mi.type_info(schema), steps)
     if isinstance(kind, mi.StructType) and (named := _FIELD_CHECK.match(what)) is not None \
             and any(f.encode_name == named["name"].split(".")[0] for f in kind.fields):
         return Problem(BAD_VALUE, _join(steps + named["name"].split(".")), named["phrase"])  # a check in __post_init__
@@ -58,7 +61,7 @@ def explain(exc: msgspec.ValidationError, schema: Any, value: Any) -> Problem:
     phrase = _rule(kind, got) if kind is not None else None
     if phrase is None:
         phrase = _from_message(what, got)
-    return Problem(BAD_VALUE, _join(_trim(schema, steps)), phrase)
+    return Problem(BAD_VALUE, _join(_trim(kind, steps)), phrase, _of_type(kind, got), extra)
 
 
 def _steps(path: str) -> list[str | int]:
@@ -72,18 +75,23 @@ def _join(steps: list[str | int]) -> str:
     return out
 
 
-def _unwrap(kind: Any) -> Any:
-    """The type itself, without its description, and the one non-null member of an optional type."""
+def _unwrap(kind: Any, extra: dict[str, Any] | None = None) -> Any:
+    """The type itself, without its Metadata (whose `extra` is gathered into `extra`), and the one
+    non-null member of an optional type."""
     while isinstance(kind, mi.Metadata):
+        if extra is not None and kind.extra:
+            extra.update(kind.extra)
         kind = kind.type
     if isinstance(kind, mi.UnionType):
         members = [t for t in kind.types if not isinstance(t, mi.NoneType)]
         if len(members) == 1:
-            return _unwrap(members[0])
+            return _unwrap(members[0], extra)
     return kind
 
 
-def _type_at(kind: Any, steps: list[str | int]) -> Any:
+def _type_at(kind: Any, steps: list[str | int]) -> tuple[Any, dict[str, Any]]:
+    """The type at `steps` inside `kind`, and the Meta extra of that last step."""
+    extra: dict[str, Any] = {}
     for step in steps:
         kind = _unwrap(kind)
         if isinstance(step, int) and isinstance(kind, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
@@ -93,18 +101,28 @@ def _type_at(kind: Any, steps: list[str | int]) -> Any:
         elif isinstance(step, str) and isinstance(kind, mi.DictType):
             kind = kind.value_type
         else:
-            return None
+            return None, {}
         if kind is None:
-            return None
-    return _unwrap(kind)
+            return None, {}
+    return _unwrap(kind, extra), extra
 
 
-def _trim(schema: Any, steps: list[str | int]) -> list[str | int]:
+def _trim(kind: Any, steps: list[str | int]) -> list[str | int]:
     """A failing item of a list of scalars is reported as the list (`stop`, not `stop[3]`)."""
-    if steps and isinstance(steps[-1], int) and not isinstance(_type_at(mi.type_info(schema), steps),
-                                                               (mi.StructType, mi.DictType, mi.UnionType)):
+    if steps and isinstance(steps[-1], int) and not isinstance(kind, (mi.StructType, mi.DictType, mi.UnionType)):
         return steps[:-1]
     return steps
+
+
+_PYTHON_TYPES: dict[type, tuple[type, ...]] = {
+    mi.IntType: (int,), mi.FloatType: (int, float), mi.StrType: (str,), mi.ListType: (list,), mi.DictType: (dict,),
+}
+
+
+def _of_type(kind: Any, got: Any) -> bool:
+    """Whether `got` has the type `kind` wants (so what it broke was a bound)."""
+    wanted = _PYTHON_TYPES.get(type(kind))
+    return wanted is not None and isinstance(got, wanted) and not isinstance(got, bool)
 
 
 def _value_at(value: Any, steps: list[str | int]) -> Any:

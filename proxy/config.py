@@ -13,10 +13,10 @@ from typing import Any
 from edge_runtime.config import ConfigError, default_socket_path
 
 from . import tomlconf
-from .auth import hash_key, is_key_hash
+from .auth.keys import hash_key, is_key_hash
+from .core.ratelimit import Limits
 from .jwt_config import JwtConfig
 from .safety import policy as safety_policy
-from .ratelimit import Limits
 
 API_KEYS_ENV = "EDGE_PROXY_API_KEYS"  # comma-separated plain keys, hashed on load
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -20,12 +20,12 @@ from edge_runtime.logs import setup_logging
 from edge_runtime.sd_notify import notify, watchdog_interval_s
 
 from . import tomlconf
-from .app import SIDECAR, Sidecar, build_app, make_runner
-from .auth import hash_key
+from .auth.keys import hash_key
+from .broker import GATEWAY, ROLES, MqttSettings, attach, load_settings
 from .config import API_KEYS_ENV, ConfigError, ProxyConfig, proxy_config_from
 from .fleet import applied_config, overlay
 from .fleet.signing import KeyFileError
-from .services import GATEWAY, ROLES, MqttSettings, attach, load_settings
+from .http.app import SIDECAR, Sidecar, build_app, make_runner
 
 log = logging.getLogger("proxy.main")
 

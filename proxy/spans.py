@@ -17,7 +17,7 @@ from aiohttp import web
 
 from edge_runtime import tracing
 
-from .request_state import REQUEST_ID, SERVED_BY, TRACE_IDS
+from .http.request_state import REQUEST_ID, SERVED_BY, TRACE_IDS
 
 SCOPE = "proxy"
 _NOOP = contextlib.nullcontext()  # reusable: entering it yields None
@@ -68,7 +68,7 @@ def client_span(name: str) -> AbstractContextManager[Any]:
 def outgoing(headers: Mapping[str, str]) -> tracing.Trace | None:
     """The trace context to send on to the engine: the current span's while tracing is on; else
     the caller's own traceparent passed through (when well-formed), so a traced engine or cloud
-    worker still joins the caller's trace."""
+    worker still joins the caller's trace. `headers` holds the caller's W3C fields."""
     if tracing.enabled():
         return tracing.current_trace()
     traceparent = headers.get("traceparent")

@@ -18,12 +18,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.app import SIDECAR, build_app, make_runner
+from proxy.broker import SERVICES, MqttSettings, attach
 from proxy.config import ProxyConfig
 from proxy.fleet import FleetConfig
+from proxy.http.app import SIDECAR, build_app, make_runner
 from proxy.mqtt import MqttConfig
 from proxy.offload import CloudConfig, DevicesConfig, OffloadConfig
-from proxy.services import SERVICES, MqttSettings, attach
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ class Gateway:
 
     @property
     def router(self):
-        return self.sidecar.generator.router
+        return self.sidecar.parts.router
 
     def metric(self, name: str, **labels: str) -> float:
         return self.sidecar.metrics.registry.get_sample_value(name, labels or None) or 0.0

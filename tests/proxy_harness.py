@@ -8,8 +8,8 @@ import threading
 
 from aiohttp import web
 
-from proxy.app import SIDECAR, Sidecar, build_app, make_runner
 from proxy.config import ProxyConfig
+from proxy.http.app import SIDECAR, Sidecar, build_app, make_runner
 
 
 class Proxy:

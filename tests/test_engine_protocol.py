@@ -9,8 +9,8 @@ import pytest
 
 from edge_runtime import protocol
 from edge_wire import frames, messages
-from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, parse_op
 from edge_wire.frames import ProtocolError
+from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, parse_op
 
 
 def _read(data: bytes, max_size: int = frames.DEFAULT_MAX_FRAME, eof: bool = True):

@@ -23,9 +23,9 @@ from edge_runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_runtime.builder.build import BuildOptions, build
 from edge_runtime.client import Busy, EngineClient, EngineError
 from edge_runtime.generate import generate
-from edge_wire.frames import encode_frame
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.server import EngineServer
+from edge_wire.frames import encode_frame
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
 LONG = {"temperature": 0.0, "max_tokens": 200, "ignore_eos": True}  # runs ~1 s on the slow engine

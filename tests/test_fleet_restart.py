@@ -7,10 +7,10 @@ import asyncio
 import json
 
 import msgpack
-
 from mqtt_harness import free_port
+
+from edgectl.cli import Controller
 from proxy.fleet import FleetAgent, FleetConfig
-from proxy.fleet.edgectl import Controller
 from proxy.mqtt import Message, MqttClient, MqttConfig
 
 TIMEOUT_S = 60.0

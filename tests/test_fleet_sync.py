@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from edgectl.cli import Controller
 from proxy.fleet import APPLIED, NEEDS_RESTART, FleetAgent, FleetConfig, applied_config, default_tables
-from proxy.fleet.edgectl import Controller
 from proxy.fleet.signing import generate_keypair, load_private_key, sign
 from proxy.mqtt import MqttConfig
 
@@ -183,7 +183,7 @@ def test_an_old_document_replayed_verbatim_is_refused(mosquitto, tmp_path):
 
 @pytest.mark.parametrize("target", ["gw-1", "group:site"])
 def test_edgectl_command_line(mosquitto, tmp_path, capsys, target):
-    from proxy.fleet.edgectl import main as edgectl
+    from edgectl.cli import main as edgectl
 
     agent, _ = agent_for(mosquitto, tmp_path, groups=("site",))
     (tmp_path / "push.toml").write_text("[proxy]\nrate_limit_requests_per_min = 90\n")
@@ -212,7 +212,7 @@ def test_edgectl_command_line(mosquitto, tmp_path, capsys, target):
 
 
 def test_edgectl_keygen_and_usage_errors(tmp_path, capsys, monkeypatch):
-    from proxy.fleet.edgectl import main as edgectl
+    from edgectl.cli import main as edgectl
 
     monkeypatch.chdir(tmp_path)
     assert edgectl(["keygen", "ops"]) == 0

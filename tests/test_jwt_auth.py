@@ -25,9 +25,9 @@ from engine_harness import Engine
 from proxy_harness import Proxy
 
 from edge_runtime.config import ConfigError
-from proxy.app import build_app
 from proxy.config import ProxyConfig, load_config
-from proxy.ratelimit import Limits
+from proxy.core.ratelimit import Limits
+from proxy.http.app import build_app
 
 ISS, AUD = "https://id.example.test/", "edge-gw"
 USER = [{"role": "user", "content": "the quick brown fox"}]
@@ -195,7 +195,7 @@ def test_claims_limit_models_max_tokens_and_tier(proxy, keys):
 
 
 def test_api_keys_still_work_beside_tokens(engine, keys):
-    from proxy.auth import hash_key
+    from proxy.auth.keys import hash_key
 
     config = ProxyConfig(engine_socket=str(engine.socket_path), api_keys=(hash_key("sk-test-1"),), jwt=jwt_table(keys["dir"]))
     with Proxy(config) as p:

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from edge_runtime.config import ConfigError
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from proxy.core.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from proxy.offload import OffloadFailed, ReplyAssembler, protocol
 from proxy.offload.assembler import MAX_PENDING
 from proxy.offload.config import cloud_config_from, devices_config_from, offload_config_from

@@ -13,12 +13,12 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-from multidict import CIMultiDict
 from engine_harness import Engine
+from multidict import CIMultiDict
 from proxy_harness import Proxy
 
 from edge_runtime.client import EngineClient
-from proxy.auth import hash_key
+from proxy.auth.keys import hash_key
 from proxy.config import ProxyConfig
 
 ALIAS = "tiny"

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.config import ConfigError, default_socket_path
-from proxy import ratelimit
-from proxy.auth import KeyChecker, hash_key
-from proxy.cache import CachedResult, ResponseCache, cache_key
+from proxy.auth.keys import KeyChecker, hash_key
 from proxy.config import ProxyConfig, load_config
-from proxy.errors import ApiError
+from proxy.core import ratelimit
+from proxy.core.cache import CachedResult, ResponseCache, cache_key
+from proxy.core.errors import ApiError
+from proxy.http.openai_schema import parse_chat, parse_completion
 from proxy.main import main as proxy_main
-from proxy.openai_api import parse_chat, parse_completion
 
 KEY = "sk-test-123"
 
@@ -129,7 +129,7 @@ def test_rate_limiter_requests_and_token_debt(monkeypatch):
 
 
 def test_cache_lru_ttl_and_byte_budget(monkeypatch):
-    from proxy import cache as cache_module
+    from proxy.core import cache as cache_module
 
     now = [0.0]
     monkeypatch.setattr(cache_module.time, "monotonic", lambda: now[0])

@@ -15,9 +15,9 @@ import pytest
 from engine_harness import Engine
 from gateway_harness import Gateway, mqtt_config, post
 
+from edgectl.cli import Controller
 from proxy import main as proxy_main
 from proxy.fleet import APPLIED, NEEDS_RESTART
-from proxy.fleet.edgectl import Controller
 from proxy.mqtt import MqttClient
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -70,7 +70,7 @@ def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquit
         router, devices = gw.router, gw.services.devices
         assert (router.config.max_wait_s, router.local.failures, router.cloud.failures) == (2.5, 7, 7)
         assert (devices.config.default_max_tokens, devices.limiter.default.requests_per_min) == (4, 10)
-        assert gw.sidecar.generator.cache.ttl_s == 5
+        assert gw.sidecar.service.cache.ttl_s == 5
 
         async def telemetry():
             client = MqttClient(mqtt_config(mosquitto.url), "watcher")

@@ -15,9 +15,15 @@ from engine_harness import Engine
 from proxy_harness import Proxy
 
 from edge_client import (
-    AsyncEdgeClient, AuthenticationError, BadRequestError, ChatCompletionChunk, EdgeClient, NotFoundError, RetryPolicy,
+    AsyncEdgeClient,
+    AuthenticationError,
+    BadRequestError,
+    ChatCompletionChunk,
+    EdgeClient,
+    NotFoundError,
+    RetryPolicy,
 )
-from proxy.auth import hash_key
+from proxy.auth.keys import hash_key
 from proxy.config import ProxyConfig
 
 USER = [{"role": "user", "content": "the quick brown fox"}]

@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 
 from edge_client import APITimeoutError, BadRequestError, RateLimitError
 from edge_client.mqtt_device import DeviceClient, decode
-from proxy import trace_mqtt
+from proxy.mqtt import trace as trace_mqtt
 
 GW = "gw1"
 

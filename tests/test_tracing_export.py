@@ -12,7 +12,7 @@ from aiohttp import web
 
 from edge_runtime import tracing
 from edge_runtime.config import ConfigError
-from proxy import trace_mqtt
+from proxy.mqtt import trace as trace_mqtt
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -24,7 +24,7 @@ from proxy_harness import Proxy
 
 from edge_runtime import tracing
 from edge_runtime.logs import JsonFormatter
-from proxy.auth import hash_key
+from proxy.auth.keys import hash_key
 from proxy.config import ProxyConfig
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -148,7 +148,7 @@ def test_tracing_off_loads_nothing_and_passes_the_context_through():
     code = """
 import sys
 from aiohttp import web
-from proxy.app import build_app, SIDECAR
+from proxy.http.app import build_app, SIDECAR
 from proxy.config import ProxyConfig
 from proxy import spans
 import edge_runtime.server, edge_runtime.cli, proxy.main

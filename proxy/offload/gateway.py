@@ -18,8 +18,8 @@ from typing import Any
 
 from edge_runtime.tracing import Trace
 
-from .. import trace_mqtt
 from ..mqtt import Message, MessageProperties, MqttClient, MqttError, Topics
+from ..mqtt import trace as trace_mqtt
 from . import protocol
 from .assembler import OffloadFailed, ReplyAssembler
 from .config import OffloadConfig

@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..breaker import STATE_VALUES, Breaker
+from ..core.breaker import STATE_VALUES, Breaker
 
 
 class MqttMetrics:

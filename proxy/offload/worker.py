@@ -26,10 +26,10 @@ import aiohttp
 from edge_runtime.client import EngineError
 from edge_wire.frames import BUSY, INTERNAL, INVALID_REQUEST
 
-from .. import trace_mqtt
-from ..engine import EngineLink
-from ..errors import ApiError
+from ..core.engine_link import EngineLink
+from ..core.errors import ApiError
 from ..mqtt import Message, MessageProperties, MqttClient, MqttError, QueueFull, Topics
+from ..mqtt import trace as trace_mqtt
 from ..mqtt.topics import check_name
 from . import protocol
 from .config import CloudConfig

@@ -8,7 +8,7 @@ import json
 
 from aiohttp import web
 
-from .errors import ApiError
+from ..core.errors import ApiError
 
 DONE = b"data: [DONE]\n\n"
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -37,12 +37,12 @@ from edge_runtime.client import CONNECTION_LOST, Busy, EngineError
 from edge_wire.frames import BUSY, INTERNAL, SHUTTING_DOWN
 
 from .breaker import OPEN, Breaker
-from .engine import EngineLink
+from .engine_link import EngineLink
 from .errors import SERVER, ApiError, unavailable
 
 if TYPE_CHECKING:
-    from .offload import MqttMetrics, OffloadConfig, Offloader
-    from .openai_api import GenRequest
+    from ..offload import MqttMetrics, OffloadConfig, Offloader
+    from .request import CompletionRequest
 
 log = logging.getLogger("proxy.router")
 
@@ -191,7 +191,7 @@ class Router:
             reason = "breaker"
         return Plan(LOCAL if reason is None else CLOUD, reason)
 
-    async def open(self, plan: Plan, req: GenRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None,
+    async def open(self, plan: Plan, req: CompletionRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None,
                    served_by: ServedBy | None = None) -> Route:
         """The route for one request. A local route's first frame has been awaited already (that
         is how a full queue is learned); a local answer the engine refused for a reason about
@@ -236,13 +236,13 @@ class Router:
 
     # -- the local path -----------------------------------------------------------------------
 
-    def _local_route(self, engine: Any, req: GenRequest, request_id: str, timeout_s: float,
+    def _local_route(self, engine: Any, req: CompletionRequest, request_id: str, timeout_s: float,
                      trace: dict[str, str] | None) -> Route:
         frames = engine.generate(**req.prompt, params=req.params, timeout_s=timeout_s, trace=trace, id=request_id,
                                  **req.structured.engine_fields())
         return Route(frames, functools.partial(engine.cancel, request_id), LOCAL)
 
-    async def _try_local(self, req: GenRequest, request_id: str, timeout_s: float,
+    async def _try_local(self, req: CompletionRequest, request_id: str, timeout_s: float,
                          trace: dict[str, str] | None) -> tuple[Route | None, BaseException | None, str | None]:
         """(the local route, None, None), or (None, the engine's error, the reason to offload),
         or (a route raising the engine's error about the request, None, None)."""
@@ -288,13 +288,13 @@ class Router:
         self.local.success()
         return Route(_prepend(first, frames), route.cancel, LOCAL), None, None
 
-    async def _local_anyway(self, req: GenRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None) -> Route:
+    async def _local_anyway(self, req: CompletionRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None) -> Route:
         route, error, _ = await self._try_local(req, request_id, timeout_s, trace)
         return route if route is not None else Route(_raising(error), _nothing, LOCAL)
 
     # -- the cloud path -----------------------------------------------------------------------
 
-    def _cloud_route(self, req: GenRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None,
+    def _cloud_route(self, req: CompletionRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None,
                      reason: str, served_by: ServedBy | None) -> Route:
         offloader = self.offloader
         offload_id = offloader.offload_id(request_id)
@@ -308,7 +308,7 @@ class Router:
             served_by(CLOUD)
         return Route(frames, cancel, CLOUD, reason)
 
-    async def _cloud_frames(self, req: GenRequest, request_id: str, offload_id: str, timeout_s: float,
+    async def _cloud_frames(self, req: CompletionRequest, request_id: str, offload_id: str, timeout_s: float,
                             trace: dict[str, str] | None, reason: str, served_by: ServedBy | None,
                             state: dict[str, Cancel]) -> AsyncIterator[dict[str, Any]]:
         """The offloaded answer. A plain (non-stream) answer is gathered whole before anything
@@ -397,7 +397,7 @@ class Router:
 
 
 def _offload_failed() -> type[Exception]:
-    from .offload import OffloadFailed
+    from ..offload import OffloadFailed
 
     return OffloadFailed
 

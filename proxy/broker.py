@@ -21,15 +21,16 @@ import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from edge_runtime.config import ConfigError
 
-from .cache import ResponseCache
-from .device_front import DeviceFront
+from .compose import LIVE_PROXY_KEYS, Parts
+from .devices.front import DeviceFront
 from .fleet import APPLIED, NEEDS_RESTART, FleetAgent, FleetConfig, ManagedTable, fleet_config_from
+from .http.request_state import SERVED_BY
 from .mqtt import MqttClient, MqttConfig, Topics, mqtt_config_from
 from .offload import (
     CloudConfig,
@@ -44,20 +45,13 @@ from .offload import (
     devices_config_from,
     offload_config_from,
 )
-from .ratelimit import Limits
-from .request_state import SERVED_BY
 
-if TYPE_CHECKING:
-    from .app import Sidecar
-
-log = logging.getLogger("proxy.services")
+log = logging.getLogger("proxy.broker")
 
 GATEWAY, CLOUD = "gateway", "cloud"
 ROLES = (GATEWAY, CLOUD)
 SERVICES = web.AppKey("mqtt_services", "MqttServices")
 _GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-_LIVE_PROXY = frozenset({"rate_limit_requests_per_min", "rate_limit_tokens_per_min", "cache_enabled", "cache_max_entries",
-                         "cache_max_bytes", "cache_ttl_s", "request_timeout_s", "log_level"})
 _RESTART_DEVICES = frozenset({"enabled", "reply_prefix"})
 
 
@@ -110,11 +104,11 @@ def load_settings(data: dict[str, Any], path: Path | None, *, mqtt_url: str | No
 
 
 class MqttServices:
-    def __init__(self, settings: MqttSettings, sidecar: Sidecar) -> None:
+    def __init__(self, settings: MqttSettings, parts: Parts) -> None:
         assert settings.mqtt is not None
         self.settings = settings
-        self.sidecar = sidecar
-        self.metrics = MqttMetrics(sidecar.metrics.registry)
+        self.parts = parts
+        self.metrics = MqttMetrics(parts.metrics.registry)
         self.topics = settings.topics
         self.gateway_id = settings.gateway_id
         self.agent: FleetAgent | None = None
@@ -122,11 +116,10 @@ class MqttServices:
         self.devices: DeviceFront | None = None
         self.worker: CloudWorker | None = None
         self._subscribed: list[asyncio.Future[int]] = []  # the parts' subscriptions, until acknowledged
-        self._proxy_live = {k: getattr(sidecar.config, k) for k in _LIVE_PROXY}
         mqtt = settings.mqtt
         if settings.role == GATEWAY and settings.fleet.enabled:
             self.agent = FleetAgent(settings.fleet, mqtt, tables=_file_tables(settings.config_path), on_apply=self.on_apply,
-                                    counters=self.counters, engine_status=sidecar.link.status)
+                                    counters=self.counters, engine_status=parts.link.status)
             self.client = self.agent.client
         else:
             client_id = mqtt.client_id or (self.gateway_id if settings.role == GATEWAY
@@ -134,17 +127,16 @@ class MqttServices:
             self.client = MqttClient(mqtt, client_id)
         self.client.on_connect(lambda: self.metrics.mqtt_connected.set(1))
         self.client.on_disconnect(lambda: self.metrics.mqtt_connected.set(0))
-        generator = sidecar.generator
         if settings.role == GATEWAY:
             self.offloader = Offloader(self.client, self.topics, self.gateway_id, settings.offload, self.metrics)
-            generator.router.enable_offload(self.offloader, settings.offload, self.metrics)
+            parts.router.enable_offload(self.offloader, settings.offload, self.metrics)
             if settings.devices.enabled:
-                self.devices = DeviceFront(self.client, self.topics, self.gateway_id, settings.devices, generator,
-                                           sidecar.config, self.metrics)
+                self.devices = DeviceFront(self.client, self.topics, self.gateway_id, settings.devices, parts.service,
+                                           parts.config, self.metrics)
         else:
             cloud = settings.cloud
             backend = (UpstreamBackend(cloud.upstream, cloud.upstream_api_key, cloud.upstream_model) if cloud.upstream
-                       else EngineBackend(sidecar.link))
+                       else EngineBackend(parts.link))
             self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics)
 
     async def start(self) -> None:
@@ -155,7 +147,7 @@ class MqttServices:
             await self.agent.start()
         else:
             await self.client.start()
-        self.sidecar.generator.router.start()
+        self.parts.router.start()
         log.info("mqtt side started", extra={"role": self.settings.role, "gateway": self.gateway_id,
                                              "broker": self.settings.mqtt.url, "offload": self.offloader is not None,
                                              "devices": self.devices is not None, "fleet": self.agent is not None})
@@ -167,8 +159,8 @@ class MqttServices:
             await asyncio.gather(*self._subscribed)
 
     async def stop(self) -> None:
-        await self.sidecar.generator.router.stop()
-        grace = self.sidecar.config.grace_s
+        await self.parts.router.stop()
+        grace = self.parts.config.grace_s
         if self.devices is not None:
             await self.devices.stop(grace)
         if self.worker is not None:
@@ -183,12 +175,13 @@ class MqttServices:
     def on_apply(self, changes: dict[str, Any]) -> dict[str, str]:
         """Apply what a controller pushed, live where possible."""
         results: dict[str, str] = {}
+        proxy: dict[str, Any] = {}
         offload: dict[str, Any] = {}
         devices: dict[str, Any] = {}
         for key, value in changes.items():
             table, name = key.split(".", 1)
-            if table == "proxy" and name in _LIVE_PROXY:
-                self._proxy_live[name] = value
+            if table == "proxy" and name in LIVE_PROXY_KEYS:
+                proxy[name] = value
                 results[key] = APPLIED
             elif table == "offload":
                 offload[name] = value
@@ -199,9 +192,9 @@ class MqttServices:
             else:
                 results[key] = NEEDS_RESTART
         try:
-            self._apply_proxy({k.split(".", 1)[1] for k in changes if k.startswith("proxy.")} & _LIVE_PROXY)
+            self.parts.apply_live(proxy)
             if offload:
-                router = self.sidecar.generator.router
+                router = self.parts.router
                 router.configure(dataclasses.replace(router.config or self.settings.offload, **offload))
                 if self.offloader is not None:
                     self.offloader.config = router.config
@@ -213,28 +206,11 @@ class MqttServices:
         log.info("pushed config applied", extra={"results": results})
         return results
 
-    def _apply_proxy(self, names: set[str]) -> None:
-        live, sidecar = self._proxy_live, self.sidecar
-        if names & {"rate_limit_requests_per_min", "rate_limit_tokens_per_min"}:
-            sidecar.limiter.default = Limits(live["rate_limit_requests_per_min"], live["rate_limit_tokens_per_min"])
-        if names & {"cache_enabled", "cache_max_entries", "cache_max_bytes", "cache_ttl_s"}:
-            if not live["cache_enabled"]:
-                sidecar.cache = sidecar.generator.cache = None
-            elif sidecar.generator.cache is None:
-                sidecar.cache = sidecar.generator.cache = ResponseCache(live["cache_max_entries"], live["cache_max_bytes"],
-                                                                        live["cache_ttl_s"])
-            else:
-                sidecar.generator.cache.resize(live["cache_max_entries"], live["cache_max_bytes"], live["cache_ttl_s"])
-        if "request_timeout_s" in names:
-            sidecar.generator.timeout_s = live["request_timeout_s"]
-        if "log_level" in names:
-            logging.getLogger().setLevel(str(live["log_level"]).upper())
-
     def counters(self) -> dict[str, Any]:
         """The sidecar's figures for fleet telemetry."""
-        registry = self.sidecar.metrics.registry
+        registry = self.parts.metrics.registry
         requests = errors = 0.0
-        for metric in self.sidecar.metrics.requests.collect():
+        for metric in self.parts.metrics.requests.collect():
             for sample in metric.samples:
                 if sample.name.endswith("_total"):
                     requests += sample.value
@@ -251,7 +227,7 @@ class MqttServices:
             "mqtt": {"connected": self.client.connected, "queued": self.client.queued},
         }
         if self.offloader is not None:
-            router = self.sidecar.generator.router
+            router = self.parts.router
             out["offload_in_flight"] = self.offloader.in_flight
             out["breakers"] = {"local": router.local.state, "cloud": router.cloud.state}
         if self.devices is not None:
@@ -271,11 +247,11 @@ def _file_tables(path: Path | None) -> dict[str, ManagedTable]:
 def attach(app: web.Application, settings: MqttSettings) -> MqttServices | None:
     """Run the MQTT side with `app` (started after the engine link, stopped before it), and count
     where generation requests were served. Returns None when no broker is configured."""
-    from .app import SIDECAR
+    from .http.app import SIDECAR
 
     if settings.mqtt is None:
         return None
-    services = app[SERVICES] = MqttServices(settings, app[SIDECAR])
+    services = app[SERVICES] = MqttServices(settings, app[SIDECAR].parts)
 
     async def lifecycle(_app: web.Application):
         await services.start()

@@ -14,10 +14,10 @@ from typing import Any
 
 import jwt
 
-from .auth import Grant
-from .errors import ApiError
-from .jwt_config import JwtConfig
+from ..core.errors import ApiError
+from ..jwt_config import JwtConfig
 from .jwt_keys import KeyStore, VerifyKey
+from .keys import Grant
 
 log = logging.getLogger("proxy.jwt")
 

@@ -1,8 +1,8 @@
 """The IoT device front: completion requests published by devices to `{prefix}/{gw}/infer/request`,
 answered on the device's reply topic (docs/mqtt-device-protocol.md, the protocol's single source
-of truth). Requests take the HTTP API's path: the same validation (the OpenAI parser), the
-response cache, the safety filter on the prompt and (as it streams) on the answer, and the
-router (local engine or cloud).
+of truth). A thin front: the payload is parsed into the core's request (the same types and
+ranges as the HTTP API's) and answered by the completion service (cache, safety filter, router),
+whose events become numbered reply messages.
 
 Replies go to the v5 ResponseTopic (with the request's CorrelationData) or to the payload's
 `reply_to`, and only when that topic lies under the configured reply prefix: a device can never
@@ -13,35 +13,33 @@ topic when there is one, else logged and counted; nothing a device sends stops t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from edge_runtime import tracing
-from edge_runtime.client import EngineError
 
-from . import trace_mqtt
-from .answer import CONTENT_FILTER, Answer
-from .cache import CachedResult, cache_key
-from .errors import SERVER, ApiError, from_engine, invalid
-from .mqtt import Message, MessageProperties, MqttClient, MqttError, Topics
-from .openai_api import GenRequest, parse_chat, parse_completion
-from .ratelimit import Limits, RateLimiter
-from .router import CACHE, LOCAL
-from .safety import PolicyViolation, screen_prompt
+from ..core.errors import SERVER, ApiError, invalid
+from ..core.ratelimit import Limits, RateLimiter
+from ..core.request import Caller, CompletionRequest
+from ..core.router import LOCAL
+from ..core.service import CompletionService, Done, TextDelta
+from ..mqtt import Message, MessageProperties, MqttClient, MqttError, Topics
+from ..mqtt import trace as trace_mqtt
+from .schema import parse_device_request
 
 if TYPE_CHECKING:
-    from .config import ProxyConfig
-    from .generation import Generator
-    from .offload import DevicesConfig, MqttMetrics
+    from ..config import ProxyConfig
+    from ..offload import DevicesConfig, MqttMetrics
 
 log = logging.getLogger("proxy.devices")
 
@@ -49,11 +47,6 @@ JSON, MSGPACK = "application/json", "application/msgpack"
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 _ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
 MAX_REPLY_TOPIC_BYTES = 256
-_PROTOCOL_FIELDS = frozenset({"id", "reply_to", "stream", "trace", "model", "prompt", "messages"})
-_SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
-                              "frequency_penalty", "repetition_penalty"})
-_TIMEOUT_MARGIN_S = 2.0
-_CACHEABLE = ("stop", "length")
 
 
 @dataclass
@@ -68,18 +61,17 @@ class _Reply:
 
 
 class DeviceFront:
-    def __init__(self, client: MqttClient, topics: Topics, gateway_id: str, config: DevicesConfig, generator: Generator,
-                 proxy: ProxyConfig, metrics: MqttMetrics | None = None) -> None:
+    def __init__(self, client: MqttClient, topics: Topics, gateway_id: str, config: DevicesConfig,
+                 service: CompletionService, proxy: ProxyConfig, metrics: MqttMetrics | None = None) -> None:
         self.client = client
         self.topics = topics
         self.gateway_id = gateway_id
-        self.generator = generator
+        self.service = service
         self.proxy = proxy
         self.metrics = metrics
         self.request_topic = topics.infer_request(gateway_id)
         self.limiter = RateLimiter(0, 0)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count(1)  # engine request ids (the HTTP front's are sc1, sc2, ...)
         self.configure(config)
 
     def configure(self, config: DevicesConfig) -> None:
@@ -157,32 +149,12 @@ class DeviceFront:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _parse(self, body: dict[str, Any]) -> GenRequest:
-        for key in body:
-            if not isinstance(key, str) or (key not in _PROTOCOL_FIELDS and key not in _SAMPLING_FIELDS):
-                raise invalid(str(key)[:64], f"unrecognized field: {str(key)[:64]}", code="unknown_parameter")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise invalid("stream", "stream must be a boolean")
-        model = body.get("model")
-        if model is None:
-            model = self.generator.link.model["id"] if self.generator.link.model else "default"
-        openai = {"model": model, "max_tokens": self.config.default_max_tokens, "temperature": self.config.default_temperature,
-                  **{k: body[k] for k in _SAMPLING_FIELDS if k in body and body[k] is not None}}
-        if ("prompt" in body) == ("messages" in body):
-            raise invalid("prompt", "exactly one of prompt and messages is required", code="missing_required_parameter")
-        if "messages" in body:
-            req = parse_chat({**openai, "messages": body["messages"]}, self.proxy.max_messages, self.proxy.max_prompt_chars)
-        else:
-            if not isinstance(body["prompt"], str):
-                raise invalid("prompt", "prompt must be a string")
-            req = parse_completion({**openai, "prompt": body["prompt"]}, self.proxy.max_prompt_chars)
-        req.stream = stream
-        req.logprobs = False
-        req.params["logprobs"] = False
-        return req
+    def _parse(self, body: dict[str, Any]) -> CompletionRequest:
+        model = self.service.link.model["id"] if self.service.link.model else "default"
+        defaults = {"max_tokens": self.config.default_max_tokens, "temperature": self.config.default_temperature}
+        return parse_device_request(body, model, defaults, self.proxy.max_messages, self.proxy.max_prompt_chars)
 
-    async def _serve(self, req: GenRequest, reply: _Reply, trace: dict[str, str] | None) -> None:
+    async def _serve(self, req: CompletionRequest, reply: _Reply, trace: dict[str, str] | None) -> None:
         served_by = [LOCAL]
         try:
             tracer = tracing.tracer("proxy")
@@ -205,90 +177,26 @@ class DeviceFront:
             self.metrics.device_requests.labels("ok").inc()
             self.metrics.route(served_by[0], "mqtt")
 
-    async def _generate(self, req: GenRequest, reply: _Reply, trace: dict[str, str] | None, served_by: list[str]) -> None:
-        generator = self.generator
-        model = await generator.resolve_model(req.model)
-        safety = generator.safety.current()
-        if safety.active:
-            try:
-                req = dataclasses.replace(req, prompt=screen_prompt(safety, req.prompt))
-            except PolicyViolation as exc:
-                param = req.prompt_field if exc.param == "prompt" else exc.param
-                raise ApiError(400, str(exc), param=param, code="content_policy_violation") from None
-        cache = generator.cache
-        key = cache_key(model, req.kind, req.cache_fields()) if cache is not None and req.deterministic else None
-        if key is not None:
-            hit = cache.get(key)
-            if hit is not None:
-                generator.metrics.cache_hits.inc()
-                served_by[0] = CACHE
-                if safety.active:
-                    screened = safety.screen(hit.text, "output")
-                    hit = CachedResult(screened.text, hit.finish_reason if screened.blocked is None else CONTENT_FILTER,
-                                       hit.usage, None)
-                if req.stream and hit.text:
-                    self._publish(reply, {"type": "chunk", "text": hit.text})
-                self._finish_reply(reply, req, model, hit.text, hit.finish_reason, hit.usage, CACHE)
-                return
-            generator.metrics.cache_misses.inc()
-        request_id = f"dv{next(self._ids)}"
-        timeout_s = generator.timeout_s
-        plan = await generator.router.plan()
-        answer = Answer(safety, False)
-        done: dict[str, Any] = {}
-        try:
-            async with asyncio.timeout(timeout_s + _TIMEOUT_MARGIN_S):
-                route = await generator.router.open(plan, req, request_id, timeout_s, trace,
-                                                    lambda where: served_by.__setitem__(0, where))
-                async with contextlib.aclosing(route.frames) as frames:
-                    async for frame in frames:
-                        if frame["type"] != "token":
-                            done = frame
-                            break
-                        out = answer.token(frame)
-                        if req.stream and out.text:
-                            self._publish(reply, {"type": "chunk", "text": out.text})
-                        if answer.blocked is not None:
-                            await route.cancel()
-                            async for rest in frames:
-                                if rest["type"] != "token":
-                                    done = rest
-                                    break
-                            break
-                rest = answer.end()
-                if req.stream and rest.text:
-                    self._publish(reply, {"type": "chunk", "text": rest.text})
-        except EngineError as exc:
-            raise from_engine(exc, req.prompt_field) from None
-        except TimeoutError:
-            raise ApiError(504, f"the request did not finish within {timeout_s:g} s", type=SERVER, code="timeout") from None
-        usage = done.get("usage") or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        generator.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
-        generator.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-        self.limiter.charge_tokens(reply.topic, usage.get("total_tokens", 0))
-        if answer.blocked is not None:
-            finish = CONTENT_FILTER
-        else:
-            finish = done.get("finish_reason")
-            if finish == "deadline":
-                raise ApiError(504, f"the request did not finish within {timeout_s:g} s", type=SERVER, code="timeout")
-            if finish not in (*_CACHEABLE, "tool_calls"):
-                raise ApiError(503, "the engine stopped this request (it is shutting down)", type=SERVER,
-                               code="engine_unavailable", headers={"Retry-After": "2"})
-            if key is not None and finish in _CACHEABLE:
-                cache.put(key, CachedResult("".join(answer.raw), finish, usage, None))
-        self._finish_reply(reply, req, model, answer.text, finish, usage, served_by[0])
+    async def _generate(self, req: CompletionRequest, reply: _Reply, trace: dict[str, str] | None,
+                        served_by: list[str]) -> None:
+        caller = Caller(reply.topic, self.limiter, trace or {}, time.perf_counter(), functools.partial(served_by.__setitem__, 0))
+        async with self.service.open(req, caller) as completion:
+            async for event in completion.events():
+                if isinstance(event, TextDelta):
+                    if req.stream and event.text:
+                        self._publish(reply, {"type": "chunk", "text": event.text})
+                elif isinstance(event, Done):
+                    self._finish_reply(reply, req, completion.model, event, served_by[0])
 
     # -- replies ------------------------------------------------------------------------------
 
-    def _finish_reply(self, reply: _Reply, req: GenRequest, model: str, text: str, finish: str, usage: dict[str, Any],
-                      served_by: str) -> None:
-        usage = {k: int(usage.get(k, 0)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        tail = {"finish_reason": finish, "usage": usage, "model": model, "served_by": served_by}
+    def _finish_reply(self, reply: _Reply, req: CompletionRequest, model: str, done: Done, served_by: str) -> None:
+        usage = {k: int(done.usage.get(k, 0)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        tail = {"finish_reason": done.finish_reason, "usage": usage, "model": model, "served_by": served_by}
         if req.stream:
             self._publish(reply, {"type": "done", **tail})
         else:
-            self._publish(reply, {"type": "result", "text": text, **tail})
+            self._publish(reply, {"type": "result", "text": done.text, **tail})
 
     def _reply_to(self, topic: Any, correlation: bytes | None, request_id: str | None, encoding: str) -> _Reply | None:
         """Where to answer, if `topic` is one the gateway may publish to."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .safety import Category, OutputGuard, SafetyFilter
-from .tool_api import ToolCalls
+from ..safety import Category, OutputGuard, SafetyFilter
+from .tool_calls import ToolCalls
 
 CONTENT_FILTER = "content_filter"
 

@@ -1,20 +1,24 @@
 """Who is calling: API keys (the config holds only their sha256 digests; a presented key is
 hashed and compared with every stored digest in constant time, so neither a match nor its
-position leaks by timing) and, when `[proxy.jwt]` is set, JWT bearer tokens (proxy/jwt_auth.py).
+position leaks by timing) and, when `[proxy.jwt]` is set, JWT bearer tokens (proxy/auth/jwt.py).
 Either way the answer is a Grant: whom the rate limits count, and what the caller may do."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import status_error
+import msgspec
+
+from ..core.errors import ApiError, status_error
+from ..core.request import CompletionRequest
 
 if TYPE_CHECKING:
-    from .jwt_config import JwtConfig
+    from ..jwt_config import JwtConfig
 
 _HEX = frozenset(string.hexdigits.lower())
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -28,6 +32,22 @@ class Grant:
     models: frozenset[str] | None = None  # model names it may use; None: all
     max_tokens: int | None = None  # cap on max_tokens per request; None: none
     tier: str | None = None  # rate-limit tier; None: the default limits
+
+    def authorize(self, req: CompletionRequest) -> CompletionRequest:
+        """The request within this grant: its model allowed, its max_tokens under the cap (the
+        cap is also the default when the request names none); raises the 403 ApiError."""
+        if self.models is not None and req.model not in self.models:
+            raise ApiError(403, f"this token may not use model {req.model!r}", type="permission_error", param="model",
+                           code="model_not_allowed")
+        if self.max_tokens is None:
+            return req
+        asked = req.sampling.max_tokens
+        if asked is not None and asked > self.max_tokens:
+            raise ApiError(403, f"max_tokens {asked} exceeds this token's limit of {self.max_tokens}",
+                           type="permission_error", param="max_tokens", code="max_tokens_exceeded")
+        if asked is not None:
+            return req
+        return dataclasses.replace(req, sampling=msgspec.structs.replace(req.sampling, max_tokens=self.max_tokens))
 
 
 def hash_key(key: str) -> str:
@@ -81,7 +101,7 @@ class Authenticator:
         self.keys = KeyChecker(key_hashes)
         self.jwt = None
         if jwt is not None:
-            from .jwt_auth import JwtVerifier  # PyJWT is imported only when tokens are configured
+            from .jwt import JwtVerifier
 
             self.jwt = JwtVerifier(jwt)
 
@@ -98,7 +118,7 @@ class Authenticator:
         """The caller's Grant; raises the 401 ApiError saying what is wrong."""
         if self.jwt is None:
             return Grant(self.keys.check(authorization))
-        from .jwt_auth import looks_like_jwt, refusal
+        from .jwt import looks_like_jwt, refusal
 
         if self.keys.enabled:
             credential = bearer(authorization, "API key or token", "KEY_OR_TOKEN")

@@ -12,20 +12,19 @@ import os
 import secrets
 import sys
 import time
-import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_runtime.config import ConfigError
-
-from .. import tomlconf
-from ..mqtt import Message, MqttClient, MqttConfig, Topics, check_name, check_prefix, mqtt_config_from
-from .document import GROUP_PREFIX, MAX_VERSION, decode_payload, group_target, make_desired
-from .signing import KeyFileError, generate_keypair, load_private_key, public_key_text, sign
+from proxy import tomlconf
+from proxy.fleet.document import GROUP_PREFIX, MAX_VERSION, decode_payload, group_target, make_desired
+from proxy.fleet.signing import KeyFileError, generate_keypair, load_private_key, public_key_text, sign
+from proxy.mqtt import Message, MqttClient, MqttConfig, Topics, check_name, check_prefix, mqtt_config_from
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_NO_REPORT = 0, 1, 2, 3
 CONNECT_TIMEOUT_S = 10.0

@@ -1,167 +1,34 @@
-"""The OpenAPI 3.1 document of the API this sidecar serves, built from its config (limits,
-whether keys are required). It states what the parser accepts, not all of OpenAI's API: a
-parameter the sidecar refuses is narrowed to the values it honours (n = 1, function tools only, ...)."""
+"""The OpenAPI 3.1 document of the API this sidecar serves. The request bodies come from their
+typed definitions (proxy/http/openai_schema.py: what the parser accepts, a parameter the engine
+cannot honour narrowed to the values it takes), with this gateway's limits; the responses and
+errors are described here."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import ProxyConfig
+import msgspec
 
-_MAX_INT = 2**31 - 1
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _number(lo: float, hi: float, *, open_low: bool = False) -> dict[str, Any]:
-    low = {"exclusiveMinimum": lo} if open_low else {"minimum": lo}
-    return _nullable({"type": "number", **low, "maximum": hi})
-
-
-def _int(lo: int, hi: int) -> dict[str, Any]:
-    return _nullable({"type": "integer", "minimum": lo, "maximum": hi})
+from ..config import ProxyConfig
+from .openai_schema import schemas
+from .tools import MAX_TOOLS
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-_BOOL = _nullable({"type": "boolean"})
-_EMPTY_LIST = _nullable({"type": "array", "maxItems": 0})
-
-# Parameters of both endpoints, with the ranges the engine honours.
-_SAMPLING: dict[str, Any] = {
-    "model": {"type": "string", "minLength": 1, "description": "the engine's model id or an alias (see /v1/models)"},
-    "max_tokens": _int(1, _MAX_INT),
-    "temperature": _number(0, 2),
-    "top_p": _number(0, 1, open_low=True),
-    "n": _int(1, 1),
-    "stream": _BOOL,
-    "stream_options": _nullable({
-        "type": "object", "properties": {"include_usage": _BOOL}, "additionalProperties": False,
-        "description": "only with stream: true",
-    }),
-    "stop": _nullable({"anyOf": [
-        {"type": "string", "minLength": 1, "maxLength": 256},
-        {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 256}, "maxItems": 16},
-    ]}),
-    "seed": _int(-(2**63), 2**64 - 1),
-    "presence_penalty": _number(-2, 2),
-    "frequency_penalty": _number(-2, 2),
-    "logit_bias": _nullable({"type": "object", "maxProperties": 0}),
-    "user": _nullable({"type": "string"}),
-    "top_k": _int(0, _MAX_INT),
-    "repetition_penalty": _number(0, 100, open_low=True),
-    "ignore_eos": _BOOL,
-}
-
-_TEXT_PART = {
-    "type": "object",
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-    "required": ["type", "text"],
-    "additionalProperties": False,
-}
-
-
-_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
-_TOOL_CALL = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"}, "type": {"const": "function"},
-        "function": {"type": "object", "properties": {"name": {"type": "string", "minLength": 1}, "arguments": {"type": "string"}},
-                     "required": ["name", "arguments"]},
-    },
-    "required": ["id", "type", "function"],
-}
-_TOOL = {
-    "type": "object",
-    "properties": {
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "properties": {"name": _NAME, "description": {"type": "string"}, "strict": _BOOL,
-                           "parameters": {"type": "object", "description": "JSON schema of the arguments (type object)"}},
-            "required": ["name"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["type", "function"],
-    "additionalProperties": False,
-}
-_RESPONSE_FORMAT = _nullable({"oneOf": [
-    {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}, "required": ["type"], "additionalProperties": False},
-    {"type": "object", "properties": {"type": {"const": "json_schema"}, "json_schema": {
-        "type": "object",
-        "properties": {"name": _NAME, "description": {"type": "string"}, "schema": {"type": "object"}, "strict": _BOOL},
-        "required": ["name"], "additionalProperties": False,
-    }}, "required": ["type", "json_schema"], "additionalProperties": False},
-]})
-
-
-def _chat_request(config: ProxyConfig) -> dict[str, Any]:
-    message = {
-        "type": "object",
-        "properties": {
-            "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}],
-                        "description": "null only in an assistant message with tool_calls"},
-            "name": _nullable({"type": "string"}),
-            "refusal": {"type": "null"},
-            "tool_calls": _nullable({"type": "array", "items": _TOOL_CALL, "description": "assistant messages only"}),
-            "tool_call_id": _nullable({"type": "string", "minLength": 1, "description": "required in tool messages"}),
-        },
-        "required": ["role"],
-        "additionalProperties": False,
-    }
-    return {
-        "type": "object",
-        "properties": {
-            **_SAMPLING,
-            "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": config.max_messages,
-                         "description": f"at most {config.max_prompt_chars} characters of content in all"},
-            "max_completion_tokens": _int(1, _MAX_INT),
-            "logprobs": _BOOL,
-            "top_logprobs": _int(0, 0),
-            "tools": _nullable({"type": "array", "items": _TOOL, "maxItems": 128}),
-            "functions": _EMPTY_LIST,
-            "tool_choice": _nullable({"anyOf": [
-                {"enum": ["none", "auto", "required"]},
-                {"type": "object", "properties": {"type": {"const": "function"}, "function": {
-                    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
-                 "required": ["type", "function"]},
-            ]}),
-            "function_call": _nullable({"const": "none"}),
-            "parallel_tool_calls": _BOOL,
-            "response_format": _RESPONSE_FORMAT,
-            "store": _nullable({"const": False}),
-            "metadata": _nullable({"type": "object"}),
-            "modalities": _nullable({"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1}),
-            "service_tier": _nullable({"enum": ["auto", "default"]}),
-        },
-        "required": ["model", "messages"],
-        "additionalProperties": False,
-    }
-
-
-def _completion_request(config: ProxyConfig) -> dict[str, Any]:
-    text = {"type": "string", "minLength": 1, "maxLength": config.max_prompt_chars}
-    ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": _MAX_INT}, "minItems": 1,
-           "maxItems": config.max_prompt_chars}
-    return {
-        "type": "object",
-        "properties": {
-            **_SAMPLING,
-            "prompt": {"anyOf": [text, ids, {"type": "array", "items": {"anyOf": [text, ids]}, "minItems": 1, "maxItems": 1}]},
-            "logprobs": _int(0, 0),
-            "echo": _nullable({"const": False}),
-            "best_of": _int(1, 1),
-            "suffix": _nullable({"const": ""}),
-        },
-        "required": ["model", "prompt"],
-        "additionalProperties": False,
-    }
+def _requests(config: ProxyConfig) -> dict[str, Any]:
+    """The request bodies' schemas, generated from their typed definitions, with the limits this
+    gateway's config sets."""
+    _, components = msgspec.json.schema_components(schemas(), ref_template="#/components/schemas/{name}")
+    chat = components["ChatCompletionRequest"]["properties"]
+    chat["messages"].update(maxItems=config.max_messages,
+                            description=f"at most {config.max_prompt_chars} characters of content in all")
+    chat["tools"]["anyOf"][0]["maxItems"] = MAX_TOOLS
+    prompt = components["TextCompletionRequest"]["properties"]["prompt"]
+    prompt["description"] += f"; at most {config.max_prompt_chars} characters or tokens"
+    return components
 
 
 _USAGE = {
@@ -198,7 +65,7 @@ _SCHEMAS: dict[str, Any] = {
                     "index": {"const": 0},
                     "message": {"type": "object", "properties": {
                         "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
-                        "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                        "tool_calls": {"type": "array", "items": _ref("MessageToolCall")},
                     }, "required": ["role", "content"]},
                     "logprobs": {"type": ["object", "null"]},
                     "finish_reason": _FINISH,
@@ -288,7 +155,7 @@ def document(config: ProxyConfig, secured: bool) -> dict[str, Any]:
     auth_errors = (401, 429, 503) if secured else (429, 503)
     paths = {
         "/v1/chat/completions": _generation("Create a chat completion", "ChatCompletionRequest", "ChatCompletion", secured),
-        "/v1/completions": _generation("Create a text completion", "CompletionRequest", "Completion", secured),
+        "/v1/completions": _generation("Create a text completion", "TextCompletionRequest", "Completion", secured),
         "/v1/models": _get("List the models", "application/json", _ref("ModelList"), _errors(*auth_errors)),
         "/v1/models/{model}": {
             **_get("Describe a model", "application/json", _ref("Model"), _errors(*auth_errors, 404)),
@@ -316,8 +183,7 @@ def document(config: ProxyConfig, secured: bool) -> dict[str, Any]:
                  "description": "OpenAI-compatible API of the edge-runtime sidecar (proxy/)."},
         "paths": paths,
         "components": {
-            "schemas": {**_SCHEMAS, "ChatCompletionRequest": _chat_request(config),
-                        "CompletionRequest": _completion_request(config)},
+            "schemas": {**_SCHEMAS, **_requests(config)},
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -17,22 +17,19 @@ from aiohttp.abc import AbstractAccessLogger
 
 from edge_runtime import tracing
 
-from . import spans
-from .auth import Authenticator, Grant
-from .cache import ResponseCache
-from .config import ProxyConfig
-from .engine import EngineLink
-from .errors import JSON_CONTENT, SERVER, ApiError, from_http, invalid, status_error
-from .generation import Generator
-from .safety import PolicySource
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .openai_api import GenRequest, parse_chat, parse_completion
+from .. import spans
+from ..auth.keys import Grant
+from ..compose import Parts, build
+from ..config import ProxyConfig
+from ..core.errors import JSON_CONTENT, SERVER, ApiError, from_http, invalid, status_error
+from ..core.request import CompletionRequest
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .completions import respond
+from .openai_schema import parse_chat, parse_completion
 from .openapi import document
-from .ratelimit import RateLimiter
 from .request_state import CLIENT, GRANT, KEY_ID, REQUEST_ID, SERVED_BY, START, TRACE_IDS
 
-log = logging.getLogger("proxy.app")
+log = logging.getLogger("proxy.http")
 
 SIDECAR = web.AppKey("sidecar", "Sidecar")
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch
@@ -42,19 +39,18 @@ DRAIN_S = 1.0  # on shutdown, how long open keep-alive connections may carry one
 
 
 class Sidecar:
-    """The state one application serves from; its methods are the handlers."""
+    """The state one application serves from (the composed parts); its methods are the handlers."""
 
-    def __init__(self, config: ProxyConfig) -> None:
-        self.config = config
-        self.link = EngineLink(config.resolved_engine_socket())
-        self.auth = Authenticator(config.api_keys, config.jwt)
-        self.limiter = RateLimiter(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min, config.rate_limit_tiers)
-        self.metrics = Metrics()
-        self.cache = ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s) if config.cache_enabled else None
-        self.safety = PolicySource(config.safety, self.metrics.safety_event)
-        self.generator = Generator(self.link, self.cache, self.metrics, self.limiter, config.model_aliases, config.request_timeout_s,
-                                   self.safety)
-        self.openapi = json.dumps(document(config, self.auth.enabled)).encode()
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+        self.config = parts.config
+        self.link = parts.link
+        self.auth = parts.auth
+        self.limiter = parts.limiter
+        self.metrics = parts.metrics
+        self.safety = parts.safety
+        self.service = parts.service
+        self.openapi = json.dumps(document(parts.config, self.auth.enabled)).encode()
         self.started = int(time.time())
         self.draining = False  # set when shutdown begins (SidecarRunner.cleanup)
 
@@ -111,21 +107,6 @@ class Sidecar:
                 self.limiter.admit(client, grant.tier if grant is not None else None)
         return grant
 
-    @staticmethod
-    def authorize(grant: Grant | None, req: GenRequest) -> None:
-        """The token's limits on this request: its models, and its max_tokens cap (which is also
-        the default when the request names none)."""
-        if grant is None:
-            return
-        if grant.models is not None and req.model not in grant.models:
-            raise ApiError(403, f"this token may not use model {req.model!r}", type="permission_error", param="model",
-                           code="model_not_allowed")
-        if grant.max_tokens is not None:
-            asked = req.params.get("max_tokens")
-            if asked is not None and asked > grant.max_tokens:
-                raise ApiError(403, f"max_tokens {asked} exceeds this token's limit of {grant.max_tokens}",
-                               type="permission_error", param="max_tokens", code="max_tokens_exceeded")
-            req.params["max_tokens"] = grant.max_tokens if asked is None else asked
 
     async def json_body(self, request: web.Request) -> dict[str, Any]:
         if request.content_type != JSON_CONTENT:
@@ -146,16 +127,15 @@ class Sidecar:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         grant = self.admit(request)
         body = await self.json_body(request)
-        req = parse_chat(body, self.config.max_messages, self.config.max_prompt_chars)
-        self.authorize(grant, req)
-        return await self.generator.respond(request, req)
+        return await self._respond(request, grant, parse_chat(body, self.config.max_messages, self.config.max_prompt_chars))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         grant = self.admit(request)
         body = await self.json_body(request)
-        req = parse_completion(body, self.config.max_prompt_chars)
-        self.authorize(grant, req)
-        return await self.generator.respond(request, req)
+        return await self._respond(request, grant, parse_completion(body, self.config.max_prompt_chars))
+
+    async def _respond(self, request: web.Request, grant: Grant | None, req: CompletionRequest) -> web.StreamResponse:
+        return await respond(request, self.service, self.limiter, grant.authorize(req) if grant is not None else req)
 
     async def models(self, request: web.Request) -> web.Response:
         grant = self.admit(request)
@@ -185,7 +165,7 @@ class Sidecar:
     async def readyz(self, request: web.Request) -> web.Response:
         status = await self.link.status()
         self.metrics.set_engine_status(status)
-        if (status is None or status.get("shutting_down")) and self.generator.router.cloud_serving:
+        if (status is None or status.get("shutting_down")) and self.parts.router.cloud_serving:
             return _json({"status": "ready", "route": "cloud"})  # the engine is down: requests are offloaded
         if status is None:
             return _json({"status": "unavailable", "reason": "the engine is unreachable"}, 503, _READY_RETRY_AFTER)
@@ -199,9 +179,10 @@ class Sidecar:
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         self.metrics.set_engine_status(await self.link.status(timeout_s=0.5))
-        if self.cache is not None:
-            self.metrics.cache_entries.set(len(self.cache))
-            self.metrics.cache_bytes.set(self.cache.bytes)
+        cache = self.service.cache
+        if cache is not None:
+            self.metrics.cache_entries.set(len(cache))
+            self.metrics.cache_bytes.set(cache.bytes)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def openapi_json(self, request: web.Request) -> web.Response:
@@ -248,8 +229,8 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info("request", extra=fields)
 
 
-def build_app(config: ProxyConfig) -> web.Application:
-    sidecar = Sidecar(config)
+def build_app(config: ProxyConfig, parts: Parts | None = None) -> web.Application:
+    sidecar = Sidecar(parts or build(config))
     # The tracing middleware exists only while tracing is on: off, requests never meet it.
     middlewares = [spans.middleware, sidecar.guard] if tracing.enabled() else [sidecar.guard]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)

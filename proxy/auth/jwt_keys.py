@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from edge_runtime.config import ConfigError
 
-from .jwt_config import ALGORITHM_KEYS, KeySource
+from ..jwt_config import ALGORITHM_KEYS, KeySource
 
 log = logging.getLogger("proxy.jwt")
 

@@ -1,0 +1,267 @@
+"""The completion service: a typed request and its caller in, a stream of events out, the same
+for every front. It resolves the model, screens the prompt, answers from the response cache
+when it can, routes the rest (local engine or cloud), assembles the answer through the output
+filter and the tool-call parser, accounts for tokens, and maps every failure to an ApiError.
+
+Everything up to the first answer frame happens in `open` (so a front can still answer a
+failure with its own status); after that, `Completion.events()` yields text and tool-call
+deltas and one final Done, or raises the ApiError that ended the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from edge_runtime.client import EngineError
+
+from .. import spans
+from ..metrics import Metrics
+from ..safety import PolicySource, PolicyViolation, SafetyFilter, screen_prompt
+from .answer import CONTENT_FILTER, Answer, Released
+from .cache import CachedResult, ResponseCache, cache_key
+from .engine_link import EngineLink
+from .errors import SERVER, ApiError, from_engine, invalid, unavailable, unsupported
+from .request import Caller, CompletionRequest
+from .router import CACHE, Router
+
+TIMEOUT_MARGIN_S = 2.0  # past the engine's own deadline, the sidecar stops waiting for it
+CACHEABLE = frozenset({"stop", "length"})
+_ENDINGS = CACHEABLE | {"tool_calls"}  # the engine's finish reasons that are answers
+_NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+Cancel = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    logprobs: tuple[tuple[str, float], ...] | None = None  # the (token, logprob) entries this text came from
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    entries: list[dict[str, Any]]  # OpenAI stream entries: index, id/type/name first, then argument fragments
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    finish_reason: str  # stop, length, tool_calls or content_filter
+    usage: dict[str, int]
+    text: str  # the whole answer as the client sees it
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: tuple[tuple[str, float], ...] | None = None
+
+
+Event = Union[TextDelta, ToolCallDelta, Done]
+
+
+class CompletionService:
+    def __init__(self, link: EngineLink, router: Router, metrics: Metrics, safety: PolicySource, aliases: tuple[str, ...],
+                 timeout_s: float, cache: ResponseCache | None) -> None:
+        self.link = link
+        self.router = router
+        self.metrics = metrics
+        self.safety = safety
+        self.aliases = frozenset(aliases)
+        self.timeout_s = timeout_s
+        self.cache = cache
+        self._ids = itertools.count(1)  # engine request ids, so that a blocked answer can be cancelled by id
+
+    async def resolve_model(self, name: str) -> str:
+        """The engine's model id for `name` (its id or an alias); 404 for any other name."""
+        if self.link.model is None:
+            try:
+                await self.link.client()  # learns the model on connecting, or raises 503
+            except ApiError:
+                if not self.router.cloud_ready:
+                    raise
+                return name  # never met the engine: the cloud decides what the name means
+        model_id = self.link.model["id"]
+        if name != model_id and name not in self.aliases:
+            raise ApiError(404, f"model {name!r} does not exist; see /v1/models", param="model", code="model_not_found")
+        return model_id
+
+    @contextlib.asynccontextmanager
+    async def open(self, req: CompletionRequest, caller: Caller) -> AsyncIterator[Completion]:
+        """The request started: answered from the cache, or its route open and its first frame in.
+        Leaving the block early (an error, the client gone) cancels the work in the engine."""
+        model = await self.resolve_model(req.model)
+        safety = self.safety.current()
+        req = _screen(req, safety)  # before the cache and the engine: a blocked prompt goes nowhere
+        key = cache_key(model, req.kind, req.cache_fields()) if self.cache is not None and req.deterministic else None
+        if key is not None:
+            with spans.span("cache.lookup") as span:
+                hit = self.cache.get(key)
+                if span is not None:
+                    span.set_attribute("edge.cache.hit", hit is not None)
+            if hit is not None:
+                self.metrics.cache_hits.inc()
+                _route(caller, CACHE)
+                yield Completion(self, req, caller, model, _replayed(hit, safety))
+                return
+            self.metrics.cache_misses.inc()
+        with spans.span("route") as span:  # local engine, or the cloud (proxy/core/router.py)
+            plan = await self.router.plan()
+            if span is not None:
+                span.set_attribute("edge.route", plan.route)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s + TIMEOUT_MARGIN_S
+        with spans.client_span("engine.generate"):
+            try:
+                route = await self.router.open(plan, req, f"sc{next(self._ids)}", self.timeout_s,
+                                               spans.outgoing(caller.trace), caller.on_route)
+            except UnicodeEncodeError:
+                raise _bad_unicode() from None
+            async with contextlib.aclosing(route.frames) as frames:
+                first = await self._first(frames, req, deadline, caller)
+                answer = Answer(safety, req.logprobs)
+                yield Completion(self, req, caller, model, self._answer(frames, first, deadline, answer, route.cancel, req,
+                                                                        key, caller))
+
+    # -- the engine's answer ----------------------------------------------------------------
+
+    async def _first(self, frames: AsyncIterator[dict[str, Any]], req: CompletionRequest, deadline: float,
+                     caller: Caller) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout_at(deadline):
+                frame = await anext(frames)
+        except EngineError as exc:
+            raise from_engine(exc, req.prompt_field) from None
+        except TimeoutError:
+            raise self.timeout() from None
+        except UnicodeEncodeError:
+            raise _bad_unicode() from None
+        if frame["type"] == "token":
+            self.metrics.ttft.observe(time.perf_counter() - caller.start)
+        else:
+            self._check_done(frame)
+        return frame
+
+    async def _answer(self, frames: AsyncIterator[dict[str, Any]], frame: dict[str, Any], deadline: float, answer: Answer,
+                      cancel: Cancel, req: CompletionRequest, key: bytes | None, caller: Caller) -> AsyncIterator[Event]:
+        try:
+            async with asyncio.timeout_at(deadline):
+                while frame["type"] == "token":
+                    for event in _released(answer.token(frame), answer):
+                        yield event
+                    if answer.blocked is not None:
+                        frame = await _drain(frames, cancel)
+                        break
+                    frame = await anext(frames)
+                for event in _released(answer.end(), None):
+                    yield event
+        except EngineError as exc:
+            raise from_engine(exc, req.prompt_field) from None
+        except TimeoutError:
+            raise self.timeout() from None
+        yield self._finish(req, frame, answer, key, caller)
+
+    def _finish(self, req: CompletionRequest, done: dict[str, Any], answer: Answer, key: bytes | None,
+                caller: Caller) -> Done:
+        """Account for a finished request (metrics, token budget) and cache its result; return what
+        the client sees (content_filter when the safety filter ended it); raises the ApiError of
+        endings that are failures."""
+        usage = done.get("usage") or _NO_USAGE
+        self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
+        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        caller.limiter.charge_tokens(caller.client, usage.get("total_tokens", 0))
+        spans.note_usage(usage)
+        logprobs = tuple(answer.logprobs) if answer.logprobs is not None else None
+        if answer.blocked is not None:
+            return Done(CONTENT_FILTER, usage, answer.text, answer.tools.calls, logprobs)
+        self._check_done(done)
+        reason = done["finish_reason"]
+        if key is not None and self.cache is not None and reason in CACHEABLE:  # as generated: replays are screened anew
+            self.cache.put(key, CachedResult("".join(answer.raw), reason, usage, logprobs))
+        return Done(reason, usage, answer.text, answer.tools.calls, logprobs)
+
+    def _check_done(self, done: dict[str, Any]) -> None:
+        reason = done.get("finish_reason")
+        if reason == "deadline":
+            raise self.timeout()
+        if reason not in _ENDINGS:  # "cancelled" by the engine itself: it is shutting down
+            raise unavailable("the engine stopped this request (it is shutting down)", 2.0)
+
+    def timeout(self) -> ApiError:
+        return ApiError(504, f"the request did not finish within {self.timeout_s:g} s", type=SERVER, code="timeout")
+
+
+@dataclass
+class Completion:
+    """One started request: its model, and its events."""
+
+    service: CompletionService
+    request: CompletionRequest
+    caller: Caller
+    model: str  # the engine's id for it
+    _events: AsyncIterator[Event]
+
+    def events(self) -> AsyncIterator[Event]:
+        return self._events
+
+    async def result(self) -> Done:
+        """The whole answer (for fronts that do not stream)."""
+        async for event in self._events:
+            if isinstance(event, Done):
+                return event
+        raise RuntimeError("the answer ended without a Done event")
+
+
+async def _replayed(hit: CachedResult, safety: SafetyFilter) -> AsyncIterator[Event]:
+    """A cached answer, screened by the policy in force now."""
+    if safety.checks_output:
+        screened = safety.screen(hit.text, "output")
+        reason = hit.finish_reason if screened.blocked is None else CONTENT_FILTER
+        hit = CachedResult(screened.text, reason, hit.usage, hit.logprobs)
+    yield TextDelta(hit.text, hit.logprobs)
+    yield Done(hit.finish_reason, hit.usage, hit.text, [], hit.logprobs)
+
+
+def _released(out: Released, answer: Answer | None) -> list[Event]:
+    """The events of what one frame released: text (with its token's logprob when asked, one
+    event per token even when the filter holds the text back), then tool-call deltas."""
+    events: list[Event] = []
+    if answer is not None and answer.logprobs is not None:
+        events.append(TextDelta(out.text, tuple(answer.logprobs[-1:])))
+    elif out.text:
+        events.append(TextDelta(out.text))
+    if out.tool_calls:
+        events.append(ToolCallDelta(out.tool_calls))
+    return events
+
+
+def _route(caller: Caller, where: str) -> None:
+    if caller.on_route is not None:
+        caller.on_route(where)
+
+
+def _screen(req: CompletionRequest, safety: SafetyFilter) -> CompletionRequest:
+    """The request with the input policy applied (redactions), or the 400 of a blocked prompt."""
+    if not safety.active:
+        return req
+    if req.logprobs and safety.checks_output:
+        # Token logprobs would show the text the output filter holds back or redacts.
+        raise unsupported("logprobs", "logprobs cannot be combined with the output safety filter")
+    try:
+        prompt = screen_prompt(safety, req.prompt)
+    except PolicyViolation as exc:
+        param = req.prompt_field if exc.param == "prompt" else exc.param
+        raise ApiError(400, str(exc), param=param, code="content_policy_violation") from None
+    return req if prompt is req.prompt else dataclasses.replace(req, prompt=prompt)
+
+
+async def _drain(frames: AsyncIterator[dict[str, Any]], cancel: Cancel) -> dict[str, Any]:
+    """Stop the engine (the answer was blocked) and return its last frame, for the usage."""
+    await cancel()
+    async for frame in frames:
+        if frame["type"] != "token":
+            return frame
+    return {}
+
+
+def _bad_unicode() -> ApiError:
+    return invalid(None, "the request contains text that is not valid Unicode (a lone surrogate)")

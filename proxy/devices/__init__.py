@@ -1,0 +1,1 @@
+"""The IoT device front over MQTT (docs/mqtt-device-protocol.md)."""
