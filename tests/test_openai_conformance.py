@@ -97,13 +97,16 @@ def test_chat_completion_conforms(v1, extra, check):
     conforms("CreateChatCompletionResponse", body)
 
 
-@pytest.mark.parametrize("extra", [{}, {"logprobs": True}, CALL], ids=["plain", "logprobs", "tool_calls"])
-def test_streamed_chat_chunks_conform(v1, extra):
+@pytest.mark.parametrize("extra, carries", [({}, "content"), ({"logprobs": True}, "logprobs"), (CALL, "tool_calls")],
+                         ids=["plain", "logprobs", "tool_calls"])
+def test_streamed_chat_chunks_conform(v1, extra, carries):
     events = _sse(_post(f"{v1}/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 300, "seed": 1, "stream": True,
                                                     "stream_options": {"include_usage": True}, **extra}))
     *chunks, done = events
     assert done == "[DONE]" and chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
     assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    choices = [c["choices"][0] for c in chunks[:-1]]
+    assert any(choice.get(carries) or choice["delta"].get(carries) for choice in choices)  # the case is what it claims to be
     conforms("CreateChatCompletionStreamResponse", *chunks)
 
 
@@ -147,7 +150,7 @@ def test_error_bodies_conform(v1, method, path, body, status):
     conforms("ErrorResponse", json.loads(answer[2]))
 
 
-def test_unauthorized_body_conforms(engine):  # noqa: F811 (the imported fixture)
+def test_unauthorized_body_conforms(engine):
     with _proxy(engine, api_keys=(hash_key("sk-right"),)) as p:
         for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": USER}), ("/v1/models", None)):
             status, headers, answer = http("POST" if body else "GET", f"{p.url}{path}", json=body,
