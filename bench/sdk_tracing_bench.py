@@ -69,10 +69,10 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, cmd: list[str], log: Path) -> None:
+    def __init__(self, cmd: list[str], log: Path, cwd: Path = SRC, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, cwd=SRC, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
