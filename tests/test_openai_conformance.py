@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from agent_harness import TOOLS
-from proxy.auth import hash_key
+from proxy.auth.keys import hash_key
 from test_proxy_api import _proxy, _sse, http
 from test_tools_api import MODEL, USER, client, engine  # noqa: F401 (fixtures: the sidecar over the tiny agent model)
 
