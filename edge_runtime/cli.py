@@ -1,9 +1,12 @@
-"""`edge-runtime` command line: build, generate, chat, serve, up."""
+"""`edge-runtime` command line: build, generate, chat, serve, and the subcommands other installed
+packages add through the `edge_runtime.commands` entry points (the sidecar's `up`), which the
+engine names but never imports."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from .builder.build import DEFAULT_INT8_FORM, BuildOptions, build
@@ -14,6 +17,8 @@ from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
 
 _SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "queue_size", "prefix_cache_mb", "grace_s", "log_level")
+
+COMMANDS = "edge_runtime.commands"  # entry-point group of the subcommands other packages add
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -60,15 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", dest="grace_s", type=float, help="seconds running streams may finish after SIGTERM")
     s.add_argument("--log-level", choices=LOG_LEVELS)
 
-    u = sub.add_parser("up", help="run the engine daemon and the sidecar (OpenAI-compatible HTTP API) together until Ctrl-C")
-    u.add_argument("--host", help="address the sidecar listens on (default 127.0.0.1)")
-    u.add_argument("--port", type=int, help="port the sidecar listens on (default 8080)")
-    u.add_argument("--model", help="recipe name, built model directory, GGUF file or HF checkpoint directory")
-    u.add_argument("--config", type=Path, help="TOML config file ([engine] and [proxy] tables)")
-    u.add_argument("--mqtt", metavar="URL", help="MQTT broker (mqtt://host[:port] or mqtts://...): offload to cloud workers "
-                   "and serve IoT devices")
-    u.add_argument("--gateway-id", dest="gateway_id", metavar="ID", help="this gateway's id in the MQTT topic tree")
+    for name, command in _commands().items():
+        sub.add_parser(name, help=f"see `edge-runtime {name} --help` (from {command.module})", add_help=False)
     return parser
+
+
+def _commands() -> dict[str, EntryPoint]:
+    """Subcommands of other installed packages: `main(argv) -> exit status` callables."""
+    return {command.name: command for command in entry_points(group=COMMANDS)}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -131,6 +135,10 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = _commands().get(argv[0]) if argv else None
+    if command is not None:
+        return command.load()(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":
@@ -142,10 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             print()
         elif args.command == "serve":
             return _serve(args)
-        elif args.command == "up":
-            from proxy.up import up
-
-            return up(args.config, args.host, args.port, args.model, mqtt=args.mqtt, gateway_id=args.gateway_id)
         else:
             _chat(args)
     except EdgeRuntimeError as exc:

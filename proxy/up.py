@@ -1,9 +1,12 @@
 """`edge-runtime up`: the engine daemon and the sidecar together, each as the same child process
 systemd would run (`edge-runtime serve`, `edge-proxy`), in sessions of their own so that Ctrl-C
-reaches only this process, which then stops both in an orderly way."""
+reaches only this process, which then stops both in an orderly way. The sidecar's package adds
+this subcommand to `edge-runtime` through the `edge_runtime.commands` entry point (the engine
+never imports the sidecar)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import subprocess
@@ -23,6 +26,27 @@ from .mqtt import check_name, parse_url
 READY_TIMEOUT_S = 600.0  # the first start builds the default model: seconds, but allow a slow box
 POLL_S = 0.2
 STOP_MARGIN_S = 10.0  # past the children's grace periods, they are killed
+
+
+def main(argv: list[str]) -> int:
+    """`edge-runtime up [--host H] [--port P] [--model M] [--config FILE] [--mqtt URL] [--gateway-id ID]`."""
+    parser = argparse.ArgumentParser(prog="edge-runtime up", description="Run the engine daemon and the sidecar "
+                                     "(OpenAI-compatible HTTP API) together until Ctrl-C.")
+    parser.add_argument("--host", help="address the sidecar listens on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port the sidecar listens on (default 8080)")
+    parser.add_argument("--model", help="recipe name, built model directory, GGUF file or HF checkpoint directory")
+    parser.add_argument("--config", type=Path, help="TOML config file ([engine] and [proxy] tables)")
+    parser.add_argument("--mqtt", metavar="URL", help="MQTT broker (mqtt://host[:port] or mqtts://...): offload to "
+                        "cloud workers and serve IoT devices")
+    parser.add_argument("--gateway-id", dest="gateway_id", metavar="ID", help="this gateway's id in the MQTT topic tree")
+    args = parser.parse_args(argv)
+    try:
+        return up(args.config, args.host, args.port, args.model, mqtt=args.mqtt, gateway_id=args.gateway_id)
+    except EdgeRuntimeError as exc:  # ConfigError among them
+        print(f"edge-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def up(config_path: Path | None, host: str | None, port: int | None, model: str | None, *,

@@ -135,9 +135,9 @@ def test_wire_format_round_trips_and_refuses_garbage():
                                       timeout_s=30, kind="chat", model="m", prompt={"messages": [{"role": "user", "content": "hi"}]},
                                       params={"max_tokens": 4}, extra={"tools": None, "trace": {"traceparent": "x"}}, now=1000.0)
     request = protocol.parse_request(protocol.decode(payload))
-    assert request["deadline"] == 1030.0 and request["reply_to"] == "edge/gw-1/offload/reply"
-    assert protocol.prompt_of(request) == {"messages": [{"role": "user", "content": "hi"}]}
-    assert protocol.extras_of(request) == {"trace": {"traceparent": "x"}}
+    assert request.deadline == 1030.0 and request.reply_to == "edge/gw-1/offload/reply"
+    assert request.prompt_fields() == {"messages": [{"role": "user", "content": "hi"}]}
+    assert request.structured() == {} and request.trace == {"traceparent": "x"}
     chunk = protocol.decode(protocol.encode_chunk("gw-1.ab.sc1", 3, {"id": "engine-id", "type": "token", "text": "a"}))
     assert protocol.parse_chunk(chunk) == ("gw-1.ab.sc1", 3, chunk) and chunk["id"] == "gw-1.ab.sc1"
     for bad in (b"\xc1", b"\x93\x01\x02\x03", msgpack.packb({"v": 2}), msgpack.packb({"v": 1, "id": "a/b"}),

@@ -14,11 +14,12 @@ from ..core.errors import invalid, unsupported
 from ..core.request import Structured
 
 MAX_TOOLS = 128  # the engine's limit
-_NAME_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
+_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}\Z"  # \Z: Python's $ would let a trailing newline through
 _NAME = re.compile(_NAME_PATTERN).match
 _SCHEMA_KEYS = frozenset({"name", "description", "schema", "strict"})
 
-FunctionName = Annotated[str, Meta(pattern=_NAME_PATTERN, description="1 to 64 of a-z, A-Z, 0-9, _ and -")]
+FunctionName = Annotated[str, Meta(pattern=_NAME_PATTERN, description="1 to 64 of a-z, A-Z, 0-9, _ and -",
+                                   extra_json_schema={"pattern": "^[A-Za-z0-9_-]{1,64}$"})]  # the same, as ECMA-262 says it
 
 
 class Function(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -8,12 +8,17 @@ relays a local one. Chunk 0 is `accepted` (a worker took the request)."""
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
 import msgpack
+import msgspec
+from msgspec import Meta
+
+from edge_wire.messages import MAX_TIMEOUT_S, ChatMessage
+from edge_wire.sampling import MAX_INT, RequestedSampling
+from edge_wire.validation import explain
 
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
@@ -21,9 +26,10 @@ ACCEPTED, TOKEN, DONE, ERROR = "accepted", "token", "done", "error"
 TERMINAL = frozenset({DONE, ERROR})
 MAX_ID_CHARS = 160
 EXPIRED = "expired"  # error code: the request's deadline passed before a worker could start it
-_ID = re.compile(r"[A-Za-z0-9._:\-]{1,160}").fullmatch
+_ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,160}\Z"  # \Z: Python's $ would let a trailing newline through
+_ID = re.compile(_ID_PATTERN).match
 _PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
-_OPTIONAL_KEYS = ("tools", "grammar", "trace")
+_STRUCTURED_KEYS = ("tools", "grammar")
 
 
 class ProtocolError(ValueError):
@@ -60,33 +66,45 @@ def decode(payload: bytes) -> dict[str, Any]:
     return obj
 
 
-def parse_request(obj: dict[str, Any]) -> dict[str, Any]:
-    """Check the fields a worker relies on; the prompt and params are the engine's to check."""
-    if obj.get("v") != VERSION:
-        raise ProtocolError(f"unsupported version {obj.get('v')!r}")
-    if not valid_id(obj.get("id")):
-        raise ProtocolError("id: missing or malformed")
-    if obj.get("kind") not in ("chat", "completion"):
-        raise ProtocolError("kind: must be 'chat' or 'completion'")
-    if sum(key in obj for key in _PROMPT_KEYS) != 1:
-        raise ProtocolError("exactly one of prompt, messages, prompt_ids")
-    if not isinstance(obj.get("params", {}), dict):
-        raise ProtocolError("params: must be a map")
-    for key in ("deadline", "timeout_s"):
-        value = obj.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise ProtocolError(f"{key}: must be a number")
-    if not isinstance(obj.get("model", ""), str):
-        raise ProtocolError("model: must be a string")
-    return obj
+class OffloadRequest(msgspec.Struct, kw_only=True):
+    """An offloaded request. Fields it does not know are passed over (a newer gateway may send
+    more); the prompt and the sampling parameters follow the engine protocol's rules."""
+
+    v: Literal[1]
+    id: Annotated[str, Meta(pattern=_ID_PATTERN)]
+    kind: Literal["chat", "completion"]
+    gateway: Optional[str] = None
+    reply_to: Optional[str] = None
+    deadline: Optional[Annotated[float, Meta(ge=0.0, le=1e11, description="unix time")]] = None
+    timeout_s: Optional[Annotated[float, Meta(gt=0.0, le=MAX_TIMEOUT_S)]] = None
+    model: str = ""
+    prompt: Optional[Annotated[str, Meta(min_length=1)]] = None
+    messages: Optional[Annotated[list[ChatMessage], Meta(min_length=1)]] = None
+    prompt_ids: Optional[Annotated[list[Annotated[int, Meta(ge=0, le=MAX_INT)]], Meta(min_length=1)]] = None
+    params: RequestedSampling = msgspec.field(default_factory=RequestedSampling)
+    tools: Optional[list[dict[str, Any]]] = None  # the engine's to check
+    grammar: Optional[dict[str, Any]] = None
+    trace: Optional[dict[str, str]] = None
+
+    def __post_init__(self) -> None:
+        if sum(p is not None for p in (self.prompt, self.messages, self.prompt_ids)) != 1:
+            raise ValueError("prompt: exactly one of prompt, messages, prompt_ids")
+
+    def prompt_fields(self) -> dict[str, Any]:
+        """The engine's prompt argument."""
+        return {key: msgspec.to_builtins(getattr(self, key)) for key in _PROMPT_KEYS if getattr(self, key) is not None}
+
+    def structured(self) -> dict[str, Any]:
+        """The engine's tools and grammar fields, those present."""
+        return {key: getattr(self, key) for key in _STRUCTURED_KEYS if getattr(self, key) is not None}
 
 
-def prompt_of(obj: dict[str, Any]) -> dict[str, Any]:
-    return {key: obj[key] for key in _PROMPT_KEYS if key in obj}
-
-
-def extras_of(obj: dict[str, Any]) -> dict[str, Any]:
-    return {key: obj[key] for key in _OPTIONAL_KEYS if obj.get(key) is not None}
+def parse_request(obj: dict[str, Any]) -> OffloadRequest:
+    """The request, typed; ProtocolError names the field at fault."""
+    try:
+        return msgspec.convert(obj, OffloadRequest)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(explain(exc, OffloadRequest, obj).message(": ")) from None
 
 
 def encode_chunk(request_id: str, seq: int, frame: dict[str, Any], worker: str | None = None) -> bytes:

@@ -15,13 +15,13 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import aiohttp
+import msgspec
 
 from edge_runtime.client import EngineError
 from edge_wire.frames import BUSY, INTERNAL, INVALID_REQUEST
@@ -45,7 +45,7 @@ UNAVAILABLE = "unavailable"
 class Backend(Protocol):
     name: str
 
-    def generate(self, request: dict[str, Any], request_id: str, timeout_s: float,
+    def generate(self, request: protocol.OffloadRequest, request_id: str, timeout_s: float,
                  trace: dict[str, str] | None) -> AsyncIterator[dict[str, Any]]: ...
 
     async def close(self) -> None: ...
@@ -60,15 +60,15 @@ class EngineBackend:
         self.link = link
         self._ids = itertools.count(1)
 
-    async def generate(self, request: dict[str, Any], request_id: str, timeout_s: float,
+    async def generate(self, request: protocol.OffloadRequest, request_id: str, timeout_s: float,
                        trace: dict[str, str] | None) -> AsyncIterator[dict[str, Any]]:
         try:
             engine = await self.link.client()
         except ApiError:
             yield protocol.error_frame(UNAVAILABLE, "the cloud worker's engine is unreachable")
             return
-        frames = engine.generate(**protocol.prompt_of(request), params=request.get("params") or {}, timeout_s=timeout_s,
-                                 trace=trace, id=f"w{next(self._ids)}", **_structured(request))
+        frames = engine.generate(**request.prompt_fields(), params=msgspec.to_builtins(request.params), timeout_s=timeout_s,
+                                 trace=trace, id=f"w{next(self._ids)}", **request.structured())
         async with contextlib.aclosing(frames):
             try:
                 async for frame in frames:
@@ -92,22 +92,23 @@ class UpstreamBackend:
         self.model = model
         self._session: aiohttp.ClientSession | None = None
 
-    async def generate(self, request: dict[str, Any], request_id: str, timeout_s: float,
+    async def generate(self, request: protocol.OffloadRequest, request_id: str, timeout_s: float,
                        trace: dict[str, str] | None) -> AsyncIterator[dict[str, Any]]:
-        if _structured(request):
+        if request.structured():
             yield protocol.error_frame(INVALID_REQUEST, "tools and response_format are not supported by this worker's upstream",
                                        "tools")
             return
-        chat = request["kind"] == "chat"
-        body: dict[str, Any] = {"model": self.model or request.get("model") or "default", "stream": True,
-                                "stream_options": {"include_usage": True}, **_openai_params(request.get("params") or {})}
-        if "messages" in request:
-            body["messages"] = request["messages"]
+        chat = request.kind == "chat"
+        body: dict[str, Any] = {"model": self.model or request.model or "default", "stream": True,
+                                "stream_options": {"include_usage": True}, **_openai_params(msgspec.to_builtins(request.params))}
+        prompt = request.prompt_fields()
+        if "messages" in prompt:
+            body["messages"] = prompt["messages"]
         elif chat:
             yield protocol.error_frame(INVALID_REQUEST, "a chat request needs messages", "messages")
             return
         else:
-            body["prompt"] = request.get("prompt", request.get("prompt_ids"))
+            body["prompt"] = prompt.get("prompt", prompt.get("prompt_ids"))
         headers = {"Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -197,14 +198,15 @@ class CloudWorker:
         props = message.properties
         reply_to = props.response_topic
         try:
-            request = protocol.decode(message.payload)
+            raw = protocol.decode(message.payload)
         except protocol.ProtocolError as exc:
             self._refuse(reply_to, _text_id(props.correlation_data), "rejected", INVALID_REQUEST, f"bad request: {exc}")
             return
-        reply_to = reply_to or request.get("reply_to")
-        request_id = request.get("id") if protocol.valid_id(request.get("id")) else _text_id(props.correlation_data)
+        # Where to answer and with which id, learned before the rest is checked: errors go there too.
+        reply_to = reply_to or raw.get("reply_to")
+        request_id = raw.get("id") if protocol.valid_id(raw.get("id")) else _text_id(props.correlation_data)
         try:
-            protocol.parse_request(request)
+            request = protocol.parse_request(raw)
         except protocol.ProtocolError as exc:
             self._refuse(reply_to, request_id, "rejected", INVALID_REQUEST, f"bad request: {exc}")
             return
@@ -223,7 +225,7 @@ class CloudWorker:
             self._refuse(reply_to, request_id, "busy", BUSY, f"the cloud worker is serving {len(self._active)} requests",
                          estimated_wait_s=1.0)
             return
-        trace = trace_mqtt.from_message(props.user_properties, request)
+        trace = trace_mqtt.from_message(props.user_properties, raw)
         task = asyncio.get_running_loop().create_task(self._serve(request, request_id, reply_to, remaining, trace))
         self._active[request_id] = task
         if self.metrics is not None:
@@ -239,7 +241,7 @@ class CloudWorker:
         if task is not None:
             task.cancel()
 
-    async def _serve(self, request: dict[str, Any], request_id: str, reply_to: str, timeout_s: float,
+    async def _serve(self, request: protocol.OffloadRequest, request_id: str, reply_to: str, timeout_s: float,
                      trace: dict[str, str] | None) -> None:
         seq = itertools.count(1)
         outcome = "failed"
@@ -328,26 +330,20 @@ class CloudWorker:
         return True
 
     @staticmethod
-    def _remaining_s(expiry_s: int | None, request: dict[str, Any]) -> float:
+    def _remaining_s(expiry_s: int | None, request: protocol.OffloadRequest) -> float:
         """Seconds left to the request's deadline: the broker's countdown (v5 message expiry)
         when present, else the payload's deadline (3.1.1: needs synchronised clocks), else its
         timeout."""
-        timeout = request.get("timeout_s")
-        timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else DEFAULT_TIMEOUT_S
+        timeout = request.timeout_s or DEFAULT_TIMEOUT_S
         if expiry_s is not None:
             return min(float(expiry_s), timeout)
-        deadline = request.get("deadline")
-        if isinstance(deadline, (int, float)) and math.isfinite(deadline):
-            return min(deadline - time.time(), timeout)
+        if request.deadline is not None:
+            return min(request.deadline - time.time(), timeout)
         return timeout
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.cloud_requests.labels(outcome).inc()
-
-
-def _structured(request: dict[str, Any]) -> dict[str, Any]:
-    return {key: request[key] for key in ("tools", "grammar") if request.get(key) is not None}
 
 
 def _text_id(data: bytes | None) -> str | None:
