@@ -79,28 +79,22 @@ def load_settings(data: dict[str, Any], path: Path | None, *, mqtt_url: str | No
     """The MQTT side's settings from a parsed config file and the command line's overrides."""
     if role not in ROLES:
         raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {role!r}")
-    fleet = fleet_config_from(data, path)
-    if gateway_id is not None:
-        try:
-            fleet = fleet.with_overrides(gateway_id=gateway_id)
-        except ConfigError as exc:
-            raise ConfigError(f"--gateway-id: {exc}") from None
-    mqtt = mqtt_config_from(data, path, environ)
-    if mqtt_url is not None:
-        try:
-            mqtt = mqtt.with_overrides(url=mqtt_url)
-        except ConfigError as exc:
-            raise ConfigError(f"--mqtt: {exc}") from None
+    fleet = _flag("--gateway-id", fleet_config_from(data, path), gateway_id=gateway_id)
+    mqtt = _flag("--mqtt", mqtt_config_from(data, path, environ), url=mqtt_url)
     table = data.get("mqtt")
     wanted = mqtt_url is not None or (isinstance(table, dict) and "url" in table) or fleet.enabled or role == CLOUD
-    cloud = cloud_config_from(data, path, environ)
-    if upstream is not None:
-        try:
-            cloud = cloud.with_overrides(upstream=upstream)
-        except ConfigError as exc:
-            raise ConfigError(f"--upstream: {exc}") from None
+    cloud = _flag("--upstream", cloud_config_from(data, path, environ), upstream=upstream)
     return MqttSettings(mqtt if wanted else None, fleet, offload_config_from(data, path), devices_config_from(data, path),
                         cloud, role, path)
+
+
+def _flag(flag: str, config: Any, **override: Any) -> Any:
+    """`config` with a command-line flag's value laid over it (None: not given); a bad value is
+    refused naming the flag."""
+    try:
+        return config.with_overrides(**override)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
 
 
 class MqttServices:

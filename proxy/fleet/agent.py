@@ -16,13 +16,13 @@ from ..mqtt import Message, MqttClient, MqttConfig, OutMessage, Topics
 from .buffer import TelemetryBuffer
 from .config import FleetConfig
 from .document import group_target
+from .nvml import Nvml
 from .presence import next_boot, status_payload
 from .schema import ManagedTable, fleet_table
 from .sender import TelemetrySender
 from .signing import load_public_key
 from .sync import APPLIED, NEEDS_RESTART, ApplyHook, ConfigSync, targets_of
 from .tegrastats import Tegrastats
-from .nvml import Nvml
 from .telemetry import Collector, CountersSource, EngineStatusSource
 
 log = logging.getLogger("proxy.fleet")

@@ -39,6 +39,20 @@ _USAGE = {
 _FINISH = {"enum": ["stop", "length", "tool_calls", "content_filter"]}
 _HEAD = {"id": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"}}
 
+
+
+def _completion(kind: str, field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A whole (not streamed) response, whose one choice carries its answer in `field`."""
+    choice = {"type": "object", "required": ["index", field, "finish_reason"], "properties": {
+        "index": {"const": 0}, field: schema, "logprobs": {"type": ["object", "null"]}, "finish_reason": _FINISH}}
+    return {
+        "type": "object",
+        "properties": {**_HEAD, "object": {"const": kind}, "usage": _USAGE,
+                       "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": choice}},
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+    }
+
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -54,43 +68,11 @@ _SCHEMAS: dict[str, Any] = {
         }},
         "required": ["error"],
     },
-    "ChatCompletion": {
-        "type": "object",
-        "properties": {
-            **_HEAD,
-            "object": {"const": "chat.completion"},
-            "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
-                "type": "object",
-                "properties": {
-                    "index": {"const": 0},
-                    "message": {"type": "object", "properties": {
-                        "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
-                        "tool_calls": {"type": "array", "items": _ref("MessageToolCall")},
-                    }, "required": ["role", "content"]},
-                    "logprobs": {"type": ["object", "null"]},
-                    "finish_reason": _FINISH,
-                },
-                "required": ["index", "message", "finish_reason"],
-            }},
-            "usage": _USAGE,
-        },
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-    },
-    "Completion": {
-        "type": "object",
-        "properties": {
-            **_HEAD,
-            "object": {"const": "text_completion"},
-            "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
-                "type": "object",
-                "properties": {"index": {"const": 0}, "text": {"type": "string"}, "logprobs": {"type": ["object", "null"]},
-                               "finish_reason": _FINISH},
-                "required": ["index", "text", "finish_reason"],
-            }},
-            "usage": _USAGE,
-        },
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-    },
+    "ChatCompletion": _completion("chat.completion", "message", {"type": "object", "properties": {
+        "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+        "tool_calls": {"type": "array", "items": _ref("MessageToolCall")},
+    }, "required": ["role", "content"]}),
+    "Completion": _completion("text_completion", "text", {"type": "string"}),
     "Model": {
         "type": "object",
         "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},

@@ -20,10 +20,11 @@ validated with messages that name the key at fault.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from edge_runtime.config import ConfigError
 
