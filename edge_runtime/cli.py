@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_wire.settings import LOG_LEVELS, ConfigError
+
 from .builder.build import DEFAULT_INT8_FORM, BuildOptions, build
 from .builder.quantize import INT8_FORMS
 from .builder.spec import ARCHITECTURES
-from .config import LOG_LEVELS, load_config
+from .config import load_config
 from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
 
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             return up(args.config, args.host, args.port, args.model, mqtt=args.mqtt, gateway_id=args.gateway_id)
         else:
             _chat(args)
-    except EdgeRuntimeError as exc:
+    except (EdgeRuntimeError, ConfigError) as exc:
         print(f"edge-runtime: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

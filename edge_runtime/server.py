@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_wire.settings import ConfigError
+
 from . import engine_spans, tracing
-from .config import ConfigError, EngineConfig
+from .config import EngineConfig
 from .errors import ContextLengthExceeded, EdgeRuntimeError, InvalidRequest
 from .generate import GenerationChunk
 from .grammar import Constraint

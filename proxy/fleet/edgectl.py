@@ -20,9 +20,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError, read_config_file
 
-from .. import tomlconf
 from ..mqtt import Message, MqttClient, MqttConfig, Topics, check_name, check_prefix, mqtt_config_from
 from .document import GROUP_PREFIX, MAX_VERSION, decode_payload, group_target, make_desired
 from .signing import KeyFileError, generate_keypair, load_private_key, public_key_text, sign
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return _keygen(args.name)
     try:
         check_prefix("--prefix", args.prefix)
-        data, path = tomlconf.read_file(args.config) if args.config else ({}, None)
+        data, path = read_config_file(args.config) if args.config else ({}, None)
         mqtt = mqtt_config_from(data, path).with_overrides(url=args.broker)
         if args.command == "push":
             args.gateway, args.group = _target(args.target)
