@@ -66,10 +66,10 @@ POLICY = {
 }
 
 
-def _chat(question: str, params: SamplingParams, grammar: GrammarSpec | None) -> Generation:
+def _chat(request_id: str, question: str, params: SamplingParams, grammar: GrammarSpec | None) -> Generation:
     """One user turn with its grammar, as the engine holds a generate request."""
     messages = [{"role": "user", "content": question}]
-    op = GenerateOp(id="bench", params=params, messages=[ChatMessage(**m) for m in messages])
+    op = GenerateOp(id=request_id, params=params, messages=[ChatMessage(**m) for m in messages])
     return Generation(op, messages, None, grammar)
 
 
@@ -90,7 +90,8 @@ def run_batch(scheduler: Scheduler, preparer: RequestPreparer, batch: int, const
     tokens: list[list[int]] = [[] for _ in range(batch)]
     finished = [threading.Event() for _ in range(batch)]
     for i in range(batch):
-        constraint, parser = preparer.constraint(_chat(QUESTIONS[i % len(QUESTIONS)], params, grammar))
+        request = _chat(f"r{i}", QUESTIONS[i % len(QUESTIONS)], params, grammar)
+        constraint, parser = preparer.constraint(request)
 
         def sink(chunk: Any, i: int = i) -> None:
             arrivals[i].append(time.perf_counter())
@@ -98,7 +99,8 @@ def run_batch(scheduler: Scheduler, preparer: RequestPreparer, batch: int, const
             if chunk.finish_reason:
                 finished[i].set()
 
-        scheduler.submit(Request(op.id, preparer.prompt_ids(op), params, constraint=constraint, tool_parser=parser), sink)
+        scheduler.submit(Request(request.op.id, preparer.prompt_ids(request), params, constraint=constraint, tool_parser=parser),
+                         sink)
     for event in finished:
         event.wait()
     start = max(a[0] for a in arrivals)  # every stream has its first token
@@ -115,7 +117,7 @@ def grammar_cost_us(preparer: RequestPreparer, token_runs: list[list[int]], voca
     constrained = plain = 0.0
     count = 0
     for run in token_runs:
-        constraint, _ = preparer.constraint(_chat("x", SamplingParams(max_tokens=MAX_TOKENS),
+        constraint, _ = preparer.constraint(_chat("g", "x", SamplingParams(max_tokens=MAX_TOKENS),
                                                   GrammarSpec("json_schema", schema=schema)))
         sampler = Sampler(SamplingParams(temperature=0.0), vocab)
         for token in run[:-1]:  # the last token of a stream is never advanced past

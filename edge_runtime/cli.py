@@ -9,10 +9,12 @@ import sys
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
+from edge_wire.settings import LOG_LEVELS, ConfigError
+
 from .builder.build import DEFAULT_INT8_FORM, BuildOptions, build
 from .builder.quantize import INT8_FORMS
 from .builder.spec import ARCHITECTURES
-from .config import LOG_LEVELS, load_config
+from .config import load_config
 from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         else:
             _chat(args)
-    except EdgeRuntimeError as exc:
+    except (EdgeRuntimeError, ConfigError) as exc:
         print(f"edge-runtime: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,58 +1,45 @@
-"""The engine daemon's configuration: the `[engine]` table of the shared TOML config file
-(other tables belong to the sidecar), validated with messages that name the key at fault."""
+"""The engine daemon's configuration: the `[engine]` table of the shared TOML config file (other
+tables belong to the sidecar), a Table of the config convention (edge_wire/settings.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Literal
 
-import tomllib
+from msgspec import Meta
+
+from edge_wire.settings import LogLevel, Table, Text, load_table, read_config_file
 
 from edge_wire.frames import DEFAULT_MAX_FRAME
 
-from .errors import EdgeRuntimeError
-
-DEFAULT_CONFIG_PATH = Path("/etc/edge-runtime/config.toml")
 SOCKET_NAME = "engine.sock"
-LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# A prefix cached at start: raw prompt text, or {system = "..."} rendered with the chat template.
+WarmupPrompt = Text | Annotated[dict[Literal["system"], Text], Meta(min_length=1)]
 
 
-class ConfigError(EdgeRuntimeError):
-    """The config file is unreadable, or a key is unknown, of the wrong type or out of range."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None  # recipe name, built directory or checkpoint; None: the default model
-    socket_path: str | None = None  # None: default_socket_path()
-    max_batch: int = 4  # KV slots: sequences decoded together
-    max_context: int | None = None  # tokens per slot; None: the model's
-    threads: int | None = None  # CPU threads; None: ONNX Runtime's choice
-    queue_size: int = 64  # requests waiting for a slot before the engine answers busy
-    prefill_chunk: int = 256
-    prefix_cache_mb: float = 0.0  # 0: no prefix cache
-    prefix_block: int = 32
-    # Prefixes to cache at start: raw prompt text, or {system = "..."} rendered with the chat template.
-    warmup_prompts: tuple[str | dict[str, str], ...] = ()
-    grace_s: float = 30.0  # how long running streams may finish after SIGTERM
-    max_frame_bytes: int = DEFAULT_MAX_FRAME
-    log_level: str = "info"
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is not None or f.name not in _OPTIONAL:
-                _RULES[f.name](f.name, value)
-        object.__setattr__(self, "warmup_prompts", tuple(self.warmup_prompts))
-
-    def with_overrides(self, **overrides: Any) -> EngineConfig:
-        """A copy with the non-None values replaced (command-line flags win over the file)."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+class EngineConfig(Table):
+    model: Annotated[Text | None, Meta(
+        description="a recipe name, built model directory or checkpoint (default: the default model)",
+        examples=["smollm2-135m-instruct"])] = None
+    socket_path: Annotated[Text | None, Meta(
+        description="default: $RUNTIME_DIRECTORY/engine.sock under systemd",
+        examples=["/run/edge-runtime/engine.sock"])] = None
+    max_batch: Annotated[int, Meta(ge=1, le=1024, description="sequences decoded together (KV slots)")] = 4
+    max_context: Annotated[Annotated[int, Meta(ge=2)] | None, Meta(
+        description="tokens per slot (default: the model's)", examples=[2048])] = None
+    threads: Annotated[Annotated[int, Meta(ge=1, le=1024)] | None, Meta(
+        description="CPU threads (default: ONNX Runtime's choice)", examples=[4])] = None
+    queue_size: Annotated[int, Meta(ge=1, description="requests waiting for a slot before the engine answers busy")] = 64
+    prefill_chunk: Annotated[int, Meta(ge=1, description="prompt tokens prefilled per step")] = 256
+    prefix_cache_mb: Annotated[float, Meta(ge=0, description="prefix KV cache budget; 0: off")] = 0.0
+    prefix_block: Annotated[int, Meta(ge=1, le=4096, description="tokens per prefix-cache block")] = 32
+    warmup_prompts: Annotated[tuple[WarmupPrompt, ...], Meta(
+        description='prefixes cached at start: "raw text" or {system = "..."}')] = ()
+    grace_s: Annotated[float, Meta(ge=0, description="running streams may finish this long after SIGTERM")] = 30.0
+    max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20, description="largest engine protocol frame")] = DEFAULT_MAX_FRAME
+    log_level: Annotated[LogLevel, Meta(description="debug, info, warning or error")] = "info"
 
     def resolved_socket_path(self) -> Path:
         return Path(self.socket_path) if self.socket_path else default_socket_path()
@@ -72,104 +59,7 @@ def default_socket_path() -> Path:
     return Path(f"/tmp/edge-runtime-{os.getuid()}") / SOCKET_NAME
 
 
-T = TypeVar("T")
-
-
-def read_config_file(path: Path | None) -> tuple[dict[str, Any], Path | None]:
-    """The parsed file at `path` (without one: /etc/edge-runtime/config.toml if present, else
-    ({}, None)); every process reads its own tables from it."""
-    if path is None:
-        if not DEFAULT_CONFIG_PATH.is_file():
-            return {}, None
-        path = DEFAULT_CONFIG_PATH
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8")), Path(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-
-
-def table_config(data: dict[str, Any], path: Path | None, name: str, cls: type[T]) -> T:
-    """The `[name]` table of a parsed config file as the dataclass `cls` (which validates its
-    values); unknown keys and bad values are refused naming the file, table and key."""
-    table = data.get(name, {})
-    where = f"{path}: [{name}]" if path else f"[{name}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: {name} must be a table ([{name}])")
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**table)
-    except ConfigError as exc:
-        raise ConfigError(f"{where} {exc}") from None
-
-
 def load_config(path: Path | None = None) -> EngineConfig:
     """The config at `path`; without one, /etc/edge-runtime/config.toml if present, else defaults."""
     data, path = read_config_file(path)
-    return table_config(data, path, "engine", EngineConfig)
-
-
-# ---------------------------------------------------------------------------------------------- rules
-
-
-def _int(lo: int, hi: int | None = None):
-    def check(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: must be an integer, got {value!r}")
-        if value < lo or (hi is not None and value > hi):
-            raise ConfigError(f"{name}: must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, got {value}")
-
-    return check
-
-
-def _number(lo: float):
-    def check(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise ConfigError(f"{name}: must be a number, got {value!r}")
-        if value < lo:
-            raise ConfigError(f"{name}: must be >= {lo}, got {value}")
-
-    return check
-
-
-def _text(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")
-
-
-def _log_level(name: str, value: Any) -> None:
-    if value not in LOG_LEVELS:
-        raise ConfigError(f"{name}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-
-
-def _warmup_prompts(name: str, value: Any) -> None:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{name}: must be a list of strings or {{system = \"...\"}} tables")
-    for i, item in enumerate(value):
-        if isinstance(item, str) and item:
-            continue
-        if isinstance(item, dict) and set(item) == {"system"} and isinstance(item["system"], str) and item["system"]:
-            continue
-        raise ConfigError(f"{name}[{i}]: must be a non-empty string or a {{system = \"...\"}} table, got {item!r}")
-
-
-_OPTIONAL = frozenset({"model", "socket_path", "max_context", "threads"})
-_RULES = {
-    "model": _text,
-    "socket_path": _text,
-    "max_batch": _int(1, 1024),
-    "max_context": _int(2),
-    "threads": _int(1, 1024),
-    "queue_size": _int(1),
-    "prefill_chunk": _int(1),
-    "prefix_cache_mb": _number(0),
-    "prefix_block": _int(1, 4096),
-    "warmup_prompts": _warmup_prompts,
-    "grace_s": _number(0),
-    "max_frame_bytes": _int(4096, 64 << 20),
-    "log_level": _log_level,
-}
+    return load_table(EngineConfig, data, "engine", path)

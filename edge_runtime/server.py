@@ -41,9 +41,10 @@ from edge_wire.frames import (
     read_frame,
 )
 from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, frame_id, parse_op
+from edge_wire.settings import ConfigError
 
 from . import engine_spans, tracing
-from .config import ConfigError, EngineConfig
+from .config import EngineConfig
 from .errors import ContextLengthExceeded, EdgeRuntimeError, InvalidRequest
 from .generate import GenerationChunk
 from .grammar import Constraint

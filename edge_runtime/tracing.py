@@ -8,14 +8,13 @@ sample_ratio); spans go to an OTLP/HTTP collector in batches, off the request pa
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from .config import ConfigError, read_config_file, table_config
+from msgspec import Meta
+
+from edge_wire.settings import Check, ConfigError, Table, Text, load_table, read_config_file
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -31,29 +30,25 @@ _TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a
 Trace = dict[str, str]  # {"traceparent": ..., "tracestate"?: ...}
 
 
-@dataclass(frozen=True)
-class TracingConfig:
-    enabled: bool = False
-    endpoint: str = DEFAULT_ENDPOINT  # OTLP/HTTP traces URL of a collector
-    service_name: str | None = None  # None: the process's own name (edge-proxy, edge-runtime)
-    sample_ratio: float = 1.0  # of new traces; a caller's sampled flag is followed as it is
+def _http_url(key: str, value: str) -> None:
+    if not re.match(r"https?://[^/\s]+", value):
+        raise ConfigError(f"{key}: must be an http:// or https:// URL, got {value!r}")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"enabled: must be true or false, got {self.enabled!r}")
-        if not isinstance(self.endpoint, str) or not re.match(r"https?://[^/\s]+", self.endpoint):
-            raise ConfigError(f"endpoint: must be an http:// or https:// URL, got {self.endpoint!r}")
-        if self.service_name is not None and (not isinstance(self.service_name, str) or not self.service_name):
-            raise ConfigError(f"service_name: must be a non-empty string, got {self.service_name!r}")
-        ratio = self.sample_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not math.isfinite(ratio) or not 0 <= ratio <= 1:
-            raise ConfigError(f"sample_ratio: must be a number in [0, 1], got {ratio!r}")
+
+class TracingConfig(Table):
+    """Spans of both processes, exported over OTLP/HTTP (pip install 'edge-runtime[otlp]')."""
+
+    enabled: Annotated[bool, Meta(description="trace requests through the sidecar, MQTT and the engine")] = False
+    endpoint: Annotated[str, Meta(description="OTLP/HTTP traces URL of a collector"), Check(_http_url)] = DEFAULT_ENDPOINT
+    service_name: Annotated[Text | None, Meta(description="default: the process's own name (edge-proxy, edge-runtime)",
+                                              examples=["edge-proxy-gw-0042"])] = None
+    sample_ratio: Annotated[float, Meta(ge=0, le=1, description="of new traces; a caller's sampled flag is followed as it is")] = 1.0
 
 
 def load_tracing_config(path: Path | None = None) -> TracingConfig:
     """The `[tracing]` table of the config file (defaults without a file or a table)."""
     data, path = read_config_file(path)
-    return table_config(data, path, "tracing", TracingConfig)
+    return load_table(TracingConfig, data, "tracing", path)
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -20,8 +20,7 @@ from typing import Any
 import tomllib
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_runtime.config import ConfigError
-from proxy import tomlconf
+from edge_wire.settings import ConfigError, read_config_file
 from proxy.fleet.document import GROUP_PREFIX, MAX_VERSION, decode_payload, group_target, make_desired
 from proxy.fleet.signing import KeyFileError, generate_keypair, load_private_key, public_key_text, sign
 from proxy.mqtt import Message, MqttClient, MqttConfig, Topics, check_name, check_prefix, mqtt_config_from
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return _keygen(args.name)
     try:
         check_prefix("--prefix", args.prefix)
-        data, path = tomlconf.read_file(args.config) if args.config else ({}, None)
+        data, path = read_config_file(args.config) if args.config else ({}, None)
         mqtt = mqtt_config_from(data, path).with_overrides(url=args.broker)
         if args.command == "push":
             args.gateway, args.group = _target(args.target)

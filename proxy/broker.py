@@ -15,7 +15,6 @@ file)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import socket
@@ -23,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 
 from .compose import LIVE_PROXY_KEYS, Parts
 from .devices.front import DeviceFront
@@ -189,11 +189,11 @@ class MqttServices:
             self.parts.apply_live(proxy)
             if offload:
                 router = self.parts.router
-                router.configure(dataclasses.replace(router.config or self.settings.offload, **offload))
+                router.configure(msgspec.structs.replace(router.config or self.settings.offload, **offload))
                 if self.offloader is not None:
                     self.offloader.config = router.config
             if devices and self.devices is not None:
-                self.devices.configure(dataclasses.replace(self.devices.config, **devices))
+                self.devices.configure(msgspec.structs.replace(self.devices.config, **devices))
         except (ConfigError, TypeError, ValueError) as exc:  # validated before: should not happen
             log.error("pushed config could not be applied", extra={"error": str(exc)})
             return {key: f"could not apply: {exc}" for key in changes}

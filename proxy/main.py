@@ -18,11 +18,11 @@ from aiohttp import web
 from edge_runtime import tracing
 from edge_runtime.logs import setup_logging
 from edge_runtime.sd_notify import notify, watchdog_interval_s
+from edge_wire.settings import ConfigError, read_config_file
 
-from . import tomlconf
 from .auth.keys import hash_key
 from .broker import GATEWAY, ROLES, MqttSettings, attach, load_settings
-from .config import API_KEYS_ENV, ConfigError, ProxyConfig, proxy_config_from
+from .config import API_KEYS_ENV, ProxyConfig, proxy_config_from
 from .fleet import applied_config, overlay
 from .fleet.signing import KeyFileError
 from .http.app import SIDECAR, Sidecar, build_app, make_runner
@@ -116,7 +116,7 @@ async def _watchdog(interval_s: float) -> None:
 def load(args: argparse.Namespace) -> tuple[ProxyConfig, MqttSettings]:
     """The sidecar's config and its MQTT side's: the file, with the config a controller pushed
     laid over it (fleet sync), and the command line's flags over both."""
-    data, path = tomlconf.read_file(args.config)
+    data, path = read_config_file(args.config)
     cli = {"mqtt_url": args.mqtt, "gateway_id": args.gateway_id, "role": args.role, "upstream": args.upstream}
     mqtt = load_settings(data, path, **cli)
     if mqtt.fleet.enabled and mqtt.role == GATEWAY:

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime import config as config_module
-from edge_runtime.config import ConfigError, EngineConfig, default_socket_path, load_config
+from edge_runtime.config import EngineConfig, default_socket_path, load_config
+from edge_wire import settings as config_module
+from edge_wire.settings import ConfigError
 
 
 def _write(tmp_path: Path, text: str) -> Path:

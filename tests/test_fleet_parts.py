@@ -16,7 +16,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 from proxy.config import ProxyConfig
 from engine_harness import Engine
 from proxy.fleet import EngineStatus, default_tables, load_fleet_config, managed, overlay

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from engine_harness import Engine
 from proxy_harness import Proxy
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 from proxy.config import ProxyConfig, load_config
 from proxy.core.ratelimit import Limits
 from proxy.http.app import build_app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 from proxy.mqtt import BrokerAddress, MqttConfig, load_mqtt_config, parse_url
 
 

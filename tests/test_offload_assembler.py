@@ -9,7 +9,7 @@ import random
 import msgpack
 import pytest
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 from proxy.core.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from proxy.offload import OffloadFailed, ReplyAssembler, protocol
 from proxy.offload.assembler import MAX_PENDING

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.config import ConfigError, default_socket_path
+from edge_runtime.config import default_socket_path
+from edge_wire.settings import ConfigError
 from proxy.auth.keys import KeyChecker, hash_key
 from proxy.config import ProxyConfig, load_config
 from proxy.core import ratelimit

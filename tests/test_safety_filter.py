@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 from proxy.safety import PolicySource, PolicyViolation, SafetyFilter, screen_prompt
 from proxy.safety.detectors import DETECTORS, luhn
 from proxy.safety.normalize import normalize, skeleton

@@ -4,7 +4,6 @@ and the example config names every key of every table with a valid value."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from edge_runtime.config import EngineConfig, load_config as load_engine_config
@@ -95,11 +95,11 @@ def test_example_config_lists_every_key_with_valid_values(tmp_path):
         body = re.search(rf"(?ms)^\[{table}\]\n(.*?)(?=^\[|\Z)", uncommented).group(1)
         listed = set(re.findall(r"^(\w+) = ", body, re.M))
         # keys whose values are tables of their own ([proxy.jwt], ...) are documented in the README
-        keys = {f.name for f in dataclasses.fields(cls) if not _takes_a_table(f)}
+        keys = {f.name for f in msgspec.structs.fields(cls) if not _takes_a_table(f)}
         assert listed == keys, f"[{table}] in systemd/config.toml: missing {keys - listed}, unknown {listed - keys}"
 
 
-def _takes_a_table(f: dataclasses.Field) -> bool:
+def _takes_a_table(f: msgspec.structs.FieldInfo) -> bool:
     return f.default_factory is dict or "Config" in str(f.type)
 
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from edge_runtime import tracing
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 from proxy.mqtt import trace as trace_mqtt
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

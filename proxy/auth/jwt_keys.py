@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 
 from ..jwt_config import ALGORITHM_KEYS, KeySource
 

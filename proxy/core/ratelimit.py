@@ -7,17 +7,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Annotated
+
+from msgspec import Meta
+
+from edge_wire.settings import Table
 
 from .errors import status_error
 
 _SWEEP_AT = 10_000  # clients tracked before full (idle) buckets are forgotten
 
 
-@dataclass(frozen=True)
-class Limits:
-    requests_per_min: float = 0.0  # 0: no limit
-    tokens_per_min: float = 0.0
+class Limits(Table, kw_only=False):
+    """The limits of one tier (or the default ones)."""
+
+    requests_per_min: Annotated[float, Meta(ge=0, description="requests per minute; 0: no limit")] = 0.0
+    tokens_per_min: Annotated[float, Meta(ge=0, description="prompt + completion tokens per minute; 0: no limit")] = 0.0
 
     @property
     def enabled(self) -> bool:

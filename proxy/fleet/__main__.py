@@ -11,11 +11,10 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError, read_config_file
 from edge_runtime.logs import setup_logging
 from edge_runtime.sd_notify import notify, watchdog_interval_s
 
-from .. import tomlconf
 from ..config import load_config as load_proxy_config
 from ..mqtt import mqtt_config_from
 from .agent import FleetAgent
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        data, path = tomlconf.read_file(args.config)
+        data, path = read_config_file(args.config)
         fleet = fleet_config_from(data, path).with_overrides(gateway_id=args.gateway_id)
         mqtt = mqtt_config_from(data, path).with_overrides(url=args.broker)
         engine_status = EngineStatus(load_proxy_config(path).resolved_engine_socket())

@@ -3,14 +3,15 @@ telemetry, and desired/reported config sync (docs/DESIGN.md, "Fleet sync")."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import ConfigError
+import msgspec
+
+from edge_wire.settings import ConfigError
 
 from ..mqtt import Message, MqttClient, MqttConfig, OutMessage, Topics
 from .buffer import TelemetryBuffer
@@ -122,7 +123,7 @@ class FleetAgent:
         assert self.sync is not None
         pushed = self.sync.config.get("fleet", {})
         try:
-            return dataclasses.replace(self.fleet, **pushed)
+            return msgspec.structs.replace(self.fleet, **pushed)
         except (ConfigError, TypeError) as exc:  # the file changed since: the push no longer fits
             log.error("pushed [fleet] keys no longer valid; using the file's", extra={"error": str(exc)})
             return self.fleet

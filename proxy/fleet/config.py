@@ -2,38 +2,55 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from edge_runtime.config import ConfigError
+from msgspec import Meta
 
-from .. import tomlconf
+from edge_wire.settings import Check, ConfigError, Table, Text, load_table, read_config_file
+
 from ..mqtt.topics import check_name, check_prefix
 
 MIN_TELEMETRY_PERIOD_S = 0.1
 
 
-@dataclass(frozen=True)
-class FleetConfig:
-    enabled: bool = False  # the sidecar runs the fleet agent (python -m proxy.fleet runs it regardless)
-    gateway_id: str | None = None  # None: the host name
-    groups: tuple[str, ...] = ()  # desired configs published to these groups apply here too
-    topic_prefix: str = "edge"
-    telemetry_period_s: float = 10.0  # 0: no telemetry
-    telemetry_buffer_bytes: int = 4 << 20  # on-disk buffer for the broker's absence; oldest dropped beyond
-    disk_paths: tuple[str, ...] = ("/",)  # file systems whose use telemetry reports
-    state_dir: str | None = None  # None: $STATE_DIRECTORY (systemd), else ~/.local/state/edge-runtime/fleet
-    controller_public_key: str | None = None  # PEM file of the controller's Ed25519 key (edgectl keygen)
-    require_signature: bool | None = None  # None: required exactly when controller_public_key is set
+def _unique(key: str, value: tuple[str, ...]) -> None:
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}: lists a name twice")
 
-    def __post_init__(self) -> None:
-        tomlconf.validate(self, _RULES, _OPTIONAL)
-        object.__setattr__(self, "groups", tuple(self.groups))
-        object.__setattr__(self, "disk_paths", tuple(self.disk_paths))
+
+def _absolute(key: str, value: str) -> None:
+    if not value.startswith("/"):
+        raise ConfigError(f"{key}: must be an absolute path, got {value!r}")
+
+
+def _period(key: str, value: float) -> None:
+    if 0 < value < MIN_TELEMETRY_PERIOD_S:
+        raise ConfigError(f"{key}: must be 0 (off) or >= {MIN_TELEMETRY_PERIOD_S}, got {value}")
+
+
+class FleetConfig(Table):
+    enabled: Annotated[bool, Meta(description="the sidecar joins the fleet (presence, telemetry, config sync)")] = False
+    gateway_id: Annotated[str | None, Meta(description="default: the host name", examples=["gw-0042"]), Check(check_name)] = None
+    groups: Annotated[tuple[Annotated[str, Check(check_name)], ...], Check(_unique), Meta(
+        description="desired configs for these groups apply too (later ones win, the gateway's own last)",
+        examples=[["site-a", "cameras"]])] = ()
+    topic_prefix: Annotated[str, Meta(description="the topic tree's first levels"), Check(check_prefix)] = "edge"
+    telemetry_period_s: Annotated[float, Meta(ge=0, le=86400, description="0: no telemetry"), Check(_period)] = 10.0
+    telemetry_buffer_bytes: Annotated[int, Meta(
+        ge=4096, le=1 << 34, description="on-disk buffer while the broker is away; oldest dropped beyond")] = 4 << 20
+    disk_paths: Annotated[tuple[Annotated[str, Check(_absolute)], ...], Meta(description="file systems whose use is reported")] = ("/",)
+    state_dir: Annotated[Text | None, Meta(
+        description="default: $STATE_DIRECTORY/fleet under systemd, else ~/.local/state/edge-runtime/fleet",
+        examples=["/var/lib/edge-proxy/fleet"])] = None
+    controller_public_key: Annotated[Text | None, Meta(
+        description="Ed25519 PEM file (edgectl keygen): pushes must be signed", examples=["/etc/edge-runtime/controller.pub"])] = None
+    require_signature: Annotated[bool | None, Meta(
+        description="default: true exactly when controller_public_key is set", examples=[True])] = None
+
+    def check(self) -> None:
         if self.require_signature and not self.controller_public_key:
             raise ConfigError("require_signature: needs controller_public_key")
         self.resolved_gateway_id()
@@ -59,55 +76,12 @@ class FleetConfig:
     def signature_required(self) -> bool:
         return bool(self.controller_public_key) if self.require_signature is None else self.require_signature
 
-    def with_overrides(self, **overrides: Any) -> FleetConfig:
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
 
 def load_fleet_config(path: Path | None = None) -> FleetConfig:
     """The `[fleet]` table at `path` (without one: /etc/edge-runtime/config.toml if present, else defaults)."""
-    data, path = tomlconf.read_file(path)
+    data, path = read_config_file(path)
     return fleet_config_from(data, path)
 
 
 def fleet_config_from(data: dict[str, Any], path: Path | None) -> FleetConfig:
-    known = {f.name for f in dataclasses.fields(FleetConfig)}
-    values = tomlconf.table(data, "fleet", path, known)
-    try:
-        return FleetConfig(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{tomlconf.where(path, 'fleet')} {exc}") from None
-
-
-def _names(name: str, value: Any) -> None:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{name}: must be a list of names, got {value!r}")
-    for i, item in enumerate(value):
-        check_name(f"{name}[{i}]", item)
-    if len(set(value)) != len(value):
-        raise ConfigError(f"{name}: lists a name twice")
-
-
-def _paths(name: str, value: Any) -> None:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p.startswith("/") for p in value):
-        raise ConfigError(f"{name}: must be a list of absolute paths, got {value!r}")
-
-
-def _period(name: str, value: Any) -> None:
-    tomlconf.number(0, 86400)(name, value)
-    if 0 < value < MIN_TELEMETRY_PERIOD_S:
-        raise ConfigError(f"{name}: must be 0 (off) or >= {MIN_TELEMETRY_PERIOD_S}, got {value}")
-
-
-_OPTIONAL = frozenset({"gateway_id", "state_dir", "controller_public_key", "require_signature"})
-_RULES: dict[str, tomlconf.Rule] = {
-    "enabled": tomlconf.boolean,
-    "gateway_id": check_name,
-    "groups": _names,
-    "topic_prefix": check_prefix,
-    "telemetry_period_s": _period,
-    "telemetry_buffer_bytes": tomlconf.integer(4096, 1 << 34),
-    "disk_paths": _paths,
-    "state_dir": tomlconf.text,
-    "controller_public_key": tomlconf.text,
-    "require_signature": tomlconf.boolean,
-}
+    return load_table(FleetConfig, data, "fleet", path)

@@ -1,16 +1,17 @@
-"""What a controller may change: the managed tables of config.toml. Each is checked by the very
-dataclass its own loader builds, so a pushed value obeys the rules a value in the file does, and
-each key at fault gets its own reason."""
+"""What a controller may change: the managed tables of config.toml. A pushed value is checked by
+the very model (edge_wire.settings Table) its table's loader builds, so it obeys the rules a value
+in the file does, and each key at fault gets its own reason."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.config import ConfigError
+import msgspec
+
+from edge_wire.settings import ConfigError, Table, read_config_file, table_keys
 
 from .config import load_fleet_config
 from .document import flatten
@@ -38,8 +39,8 @@ MAX_REASON_CHARS = 300
 
 @dataclass(frozen=True)
 class ManagedTable:
-    factory: Callable[..., Any]  # a config dataclass: constructing one validates, raising ConfigError
-    running: Mapping[str, Any]  # the values from the local file, defaults filled in
+    config: Table  # the table as the local file gives it: pushed values are checked as changes to it
+    running: Mapping[str, Any]  # its keys' values, defaults filled in
     locked: Mapping[str, str] = field(default_factory=dict)  # key -> why a controller may not set it
 
 
@@ -48,19 +49,18 @@ def fleet_table(fleet: Any) -> ManagedTable:
     return managed(fleet, FLEET_LOCKED)
 
 
-def managed(config: Any, locked: Mapping[str, str] | None = None) -> ManagedTable:
-    """A table managed through `config`, a loaded config dataclass (ProxyConfig, EngineConfig, ...)."""
-    running = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return ManagedTable(type(config), running, dict(locked or {}))
+def managed(config: Table, locked: Mapping[str, str] | None = None) -> ManagedTable:
+    """A table managed through `config`, as loaded from the file (ProxyConfig, OffloadConfig, ...)."""
+    running = {key: getattr(config, key) for key in table_keys(type(config))}
+    return ManagedTable(config, running, dict(locked or {}))
 
 
 def default_tables(path: Path | None = None) -> dict[str, ManagedTable]:
     """proxy, fleet, offload and devices, as loaded from the config file at `path` (or its default)."""
-    from .. import tomlconf
     from ..config import load_config as load_proxy_config
     from ..offload.config import devices_config_from, offload_config_from
 
-    data, found = tomlconf.read_file(path)
+    data, found = read_config_file(path)
     return {"proxy": managed(load_proxy_config(path)), "fleet": fleet_table(load_fleet_config(path)),
             "offload": managed(offload_config_from(data, found)),
             "devices": managed(devices_config_from(data, found), DEVICES_LOCKED)}
@@ -150,11 +150,9 @@ _MISSING = object()
 
 def _check(spec: ManagedTable, values: Mapping[str, Any]) -> str | None:
     try:
-        spec.factory(**{**spec.running, **values})
+        msgspec.structs.replace(spec.config, **values)  # validated as the loader validates
     except ConfigError as exc:
         return str(exc)
-    except (TypeError, ValueError) as exc:
-        return f"invalid value ({exc})"
     return None
 
 

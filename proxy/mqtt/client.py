@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 
 from .config import MqttConfig
 

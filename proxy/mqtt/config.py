@@ -3,21 +3,29 @@ credentials overridable from the environment (systemd's EnvironmentFile=)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from edge_runtime.config import ConfigError
+from msgspec import Meta
 
-from .. import tomlconf
+from edge_wire.settings import SECRET, Check, ConfigError, Table, Text, load_table, read_config_file
 
 USERNAME_ENV = "EDGE_MQTT_USERNAME"
 PASSWORD_ENV = "EDGE_MQTT_PASSWORD"
 PROTOCOLS = ("auto", "5", "3.1.1")  # auto: MQTT v5, falling back to 3.1.1 when the broker refuses v5
 _SCHEMES = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
+
+
+def _url(key: str, value: str) -> None:
+    parse_url(value)
+
+
+def _client_id(key: str, value: str) -> None:
+    if not 1 <= len(value.encode()) <= 128 or any(c in value for c in "+#/"):
+        raise ConfigError(f"{key}: must be 1 to 128 bytes without + # or /, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,26 +57,33 @@ def parse_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port if port is not None else default_port, tls)
 
 
-@dataclass(frozen=True)
-class MqttConfig:
-    url: str = "mqtt://127.0.0.1:1883"
-    client_id: str | None = None  # None: chosen by the user of the connection (the gateway id for fleet sync)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: str | None = None  # mqtts://: the CA bundle to trust (None: the system's)
-    cert_file: str | None = None  # client certificate (mutual TLS), with key_file
-    key_file: str | None = None
-    tls_insecure: bool = False  # skip the host name check (self-signed test brokers only)
-    protocol: str = "auto"
-    keepalive_s: int = 30
-    connect_timeout_s: float = 10.0
-    reconnect_min_s: float = 0.5  # backoff doubles from here after each failed attempt ...
-    reconnect_max_s: float = 30.0  # ... up to here
-    max_queued: int = 1000  # messages waiting for the broker (while disconnected, or unacknowledged)
-    session_expiry_s: int = 0  # 0: a clean session on every connect; else the broker keeps it this long
+class MqttConfig(Table):
+    """The broker connection (fleet sync, offload, devices)."""
 
-    def __post_init__(self) -> None:
-        tomlconf.validate(self, _RULES, _OPTIONAL)
+    url: Annotated[str, Meta(description="mqtt://host[:port] or mqtts://host[:port] (TLS)", examples=["mqtts://broker.example.net:8883"]),
+                   Check(_url)] = "mqtt://127.0.0.1:1883"
+    client_id: Annotated[str | None, Meta(description="default: the gateway id", examples=["gw-0042"]), Check(_client_id)] = None
+    username: Annotated[Text | None, Meta(description=f"or ${USERNAME_ENV}", examples=["gw-0042"])] = None
+    password: Annotated[Text | None, SECRET, Meta(
+        description=f"better: ${PASSWORD_ENV} in /etc/edge-runtime/environment", examples=["change-me"])] = None
+    ca_file: Annotated[Text | None, Meta(description="mqtts://: the CA to trust (default: the system's)",
+                                         examples=["/etc/edge-runtime/broker-ca.pem"])] = None
+    cert_file: Annotated[Text | None, Meta(
+        description="mutual TLS: client certificate ...", examples=["/etc/edge-runtime/gateway.pem"])] = None
+    key_file: Annotated[Text | None, Meta(description="... and its key", examples=["/etc/edge-runtime/gateway.key"])] = None
+    tls_insecure: Annotated[bool, Meta(description="true skips the host name check (test brokers only)")] = False
+    protocol: Annotated[Literal[PROTOCOLS], Meta(
+        description='"auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"')] = "auto"  # type: ignore[valid-type]
+    keepalive_s: Annotated[int, Meta(ge=1, le=65535, description="a dead gateway is marked offline within about 1.5x this")] = 30
+    connect_timeout_s: Annotated[float, Meta(gt=0, le=300, description="to connect and get CONNACK")] = 10.0
+    reconnect_min_s: Annotated[float, Meta(gt=0, le=3600, description="reconnect backoff doubles from here ...")] = 0.5
+    reconnect_max_s: Annotated[float, Meta(gt=0, le=3600, description="... up to here (with jitter)")] = 30.0
+    max_queued: Annotated[int, Meta(
+        ge=1, le=1_000_000, description="messages waiting for the broker (while disconnected, or unacknowledged)")] = 1000
+    session_expiry_s: Annotated[int, Meta(
+        ge=0, le=0xFFFFFFFF, description="0: a clean session on every connect; else the broker keeps it this long")] = 0
+
+    def check(self) -> None:
         address = self.address
         if not address.tls and (self.ca_file or self.cert_file or self.key_file):
             raise ConfigError("ca_file: TLS files need an mqtts:// url")
@@ -83,60 +98,15 @@ class MqttConfig:
     def address(self) -> BrokerAddress:
         return parse_url(self.url)
 
-    def with_overrides(self, **overrides: Any) -> MqttConfig:
-        """A copy with the non-None values replaced (command-line flags win over the file)."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
 
 def load_mqtt_config(path: Path | None = None, environ: dict[str, str] | None = None) -> MqttConfig:
     """The `[mqtt]` table at `path` (without one: /etc/edge-runtime/config.toml if present, else
     defaults), with $EDGE_MQTT_USERNAME / $EDGE_MQTT_PASSWORD taking precedence."""
-    data, path = tomlconf.read_file(path)
+    data, path = read_config_file(path)
     return mqtt_config_from(data, path, environ)
 
 
 def mqtt_config_from(data: dict[str, Any], path: Path | None, environ: dict[str, str] | None = None) -> MqttConfig:
     environ = os.environ if environ is None else environ
-    known = {f.name for f in dataclasses.fields(MqttConfig)}
-    values = tomlconf.table(data, "mqtt", path, known)
-    for key, env in (("username", USERNAME_ENV), ("password", PASSWORD_ENV)):
-        if environ.get(env):
-            values[key] = environ[env]
-    try:
-        return MqttConfig(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{tomlconf.where(path, 'mqtt')} {exc}") from None
-
-
-def _url(name: str, value: Any) -> None:
-    parse_url(value)
-
-
-def _password(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name}: must be a non-empty string")  # never echo a secret
-
-
-def _client_id(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not 1 <= len(value.encode()) <= 128 or any(c in value for c in "+#/"):
-        raise ConfigError(f"{name}: must be 1 to 128 bytes without + # or /, got {value!r}")
-
-
-_OPTIONAL = frozenset({"client_id", "username", "password", "ca_file", "cert_file", "key_file"})
-_RULES: dict[str, tomlconf.Rule] = {
-    "url": _url,
-    "client_id": _client_id,
-    "username": tomlconf.text,
-    "password": _password,
-    "ca_file": tomlconf.text,
-    "cert_file": tomlconf.text,
-    "key_file": tomlconf.text,
-    "tls_insecure": tomlconf.boolean,
-    "protocol": tomlconf.one_of(*PROTOCOLS),
-    "keepalive_s": tomlconf.integer(1, 65535),
-    "connect_timeout_s": tomlconf.number(0, 300, positive=True),
-    "reconnect_min_s": tomlconf.number(0, 3600, positive=True),
-    "reconnect_max_s": tomlconf.number(0, 3600, positive=True),
-    "max_queued": tomlconf.integer(1, 1_000_000),
-    "session_expiry_s": tomlconf.integer(0, 0xFFFFFFFF),
-}
+    loaded = {key: environ[env] for key, env in (("username", USERNAME_ENV), ("password", PASSWORD_ENV)) if environ.get(env)}
+    return load_table(MqttConfig, data, "mqtt", path, **loaded)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Second-level words the tree uses for itself: a gateway so named would collide with them.

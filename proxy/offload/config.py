@@ -5,133 +5,86 @@ controller may change `[offload]` and `[devices]` (most keys live, see proxy/ser
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from edge_runtime.config import ConfigError
+from msgspec import Meta
 
-from .. import tomlconf
+from edge_wire.settings import SECRET, Check, ConfigError, Table, Text, load_table
+
 from ..mqtt.topics import check_name, check_prefix
 
 UPSTREAM_KEY_ENV = "EDGE_CLOUD_UPSTREAM_API_KEY"
 
 
-@dataclass(frozen=True)
-class OffloadConfig:
-    enabled: bool = True  # offload when a broker is configured ([mqtt] url, --mqtt, or [fleet] enabled)
-    max_wait_s: float = 5.0  # offload when the engine's estimated queue wait is above this; 0: never for that reason
-    max_cpu_temp_c: float = 0.0  # offload while the hottest CPU sensor is above this; 0: off
-    max_memory_percent: float = 0.0  # offload while memory use (psutil) is above this; 0: off
-    status_interval_s: float = 1.0  # how often the engine's status and the sensors are read
-    accept_timeout_s: float = 5.0  # no worker took the request by then: the cloud path failed
-    idle_timeout_s: float = 10.0  # longest silence between two chunks of an answer
-    breaker_failures: int = 3  # failures in a row that open a path's circuit breaker
-    breaker_cooldown_s: float = 10.0  # an open breaker lets a probe through after this
-    max_in_flight: int = 256  # offloads at once; past it the cloud path counts as full
-    retry_local: bool = True  # an offload that fails before its first token is retried on the local engine
-
-    def __post_init__(self) -> None:
-        tomlconf.validate(self, _OFFLOAD_RULES, frozenset())
+def _upstream(key: str, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: must be an http:// or https:// base URL such as http://host:8000/v1, got {value!r}")
+    if parts.username or parts.password:
+        raise ConfigError(f"{key}: must not carry credentials; set upstream_api_key or ${UPSTREAM_KEY_ENV}")
 
 
-@dataclass(frozen=True)
-class DevicesConfig:
-    enabled: bool = True  # serve {prefix}/{gw}/infer/request when a broker is configured
-    reply_prefix: str | None = None  # None: {prefix}/{gw}/infer/reply; replies go only under it
-    max_payload_bytes: int = 65536
-    max_concurrent: int = 16  # device requests served at once; more are answered 503
-    rate_limit_requests_per_min: float = 60.0  # per device (reply topic); 0: off
-    rate_limit_tokens_per_min: float = 0.0
-    default_max_tokens: int = 128  # for requests that name no max_tokens
-    default_temperature: float = 1.0
+class OffloadConfig(Table):
+    """with a broker ([mqtt] url or --mqtt): requests go to cloud workers when the gateway cannot serve them well"""
 
-    def __post_init__(self) -> None:
-        tomlconf.validate(self, _DEVICES_RULES, frozenset({"reply_prefix"}))
-
-
-@dataclass(frozen=True)
-class CloudConfig:
-    share_group: str = "edge-cloud"  # workers of one group share the load ($share/{group}/...)
-    upstream: str | None = None  # an OpenAI-compatible base URL (".../v1") to forward to, instead of the engine
-    upstream_api_key: str | None = dataclasses.field(default=None, repr=False)  # or $EDGE_CLOUD_UPSTREAM_API_KEY
-    upstream_model: str | None = None  # the model to ask the upstream for (default: the gateway's name)
-    max_concurrent: int = 8  # requests served at once; more are refused (busy) for the gateway to go elsewhere
-
-    def __post_init__(self) -> None:
-        tomlconf.validate(self, _CLOUD_RULES, frozenset({"upstream", "upstream_api_key", "upstream_model"}))
-
-    def with_overrides(self, **overrides: Any) -> CloudConfig:
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+    enabled: Annotated[bool, Meta(description="offload when a broker is configured ([mqtt] url, --mqtt, or [fleet] enabled)")] = True
+    max_wait_s: Annotated[float, Meta(
+        ge=0, le=3600, description="offload when the engine's estimated queue wait is above this; 0: never for that reason")] = 5.0
+    max_cpu_temp_c: Annotated[float, Meta(
+        ge=0, le=200, description="offload while the hottest CPU sensor is above this (e.g. 85); 0: off")] = 0.0
+    max_memory_percent: Annotated[float, Meta(ge=0, le=100, description="offload while memory use is above this (e.g. 92); 0: off")] = 0.0
+    status_interval_s: Annotated[float, Meta(ge=0.05, le=3600, description="how often the engine's status and the sensors are read")] = 1.0
+    accept_timeout_s: Annotated[float, Meta(
+        gt=0, le=600, description="no cloud worker took the request by then: the cloud path failed")] = 5.0
+    idle_timeout_s: Annotated[float, Meta(gt=0, le=3600, description="longest silence between two chunks of an offloaded answer")] = 10.0
+    breaker_failures: Annotated[int, Meta(
+        ge=1, le=1000, description="failures in a row that open a path's circuit breaker (local, cloud)")] = 3
+    breaker_cooldown_s: Annotated[float, Meta(gt=0, le=3600, description="an open breaker lets a probe through after this")] = 10.0
+    max_in_flight: Annotated[int, Meta(ge=1, le=100_000, description="offloads at once; past it the cloud path counts as full")] = 256
+    retry_local: Annotated[bool, Meta(description="an offload failing before its first token is retried on the local engine")] = True
 
 
-def _load(cls: type, name: str, data: dict[str, Any], path: Path | None, extra: dict[str, Any] | None = None) -> Any:
-    values = tomlconf.table(data, name, path, {f.name for f in dataclasses.fields(cls)})
-    values.update(extra or {})
-    try:
-        return cls(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{tomlconf.where(path, name)} {exc}") from None
+class DevicesConfig(Table):
+    """the MQTT device front: {prefix}/{gateway}/infer/request (docs/mqtt-device-protocol.md)"""
+
+    enabled: Annotated[bool, Meta(description="serve {prefix}/{gw}/infer/request when a broker is configured")] = True
+    reply_prefix: Annotated[str | None, Meta(
+        description="default {prefix}/{gateway}/infer/reply: replies go only under it", examples=["edge/gw-0042/infer/reply"]),
+        Check(check_prefix)] = None
+    max_payload_bytes: Annotated[int, Meta(ge=256, le=16 << 20, description="largest request payload")] = 65536
+    max_concurrent: Annotated[int, Meta(ge=1, le=10_000, description="device requests served at once; more are answered 503")] = 16
+    rate_limit_requests_per_min: Annotated[float, Meta(ge=0, description="per device (reply topic); 0: off")] = 60.0
+    rate_limit_tokens_per_min: Annotated[float, Meta(ge=0, description="per device; 0: off")] = 0.0
+    default_max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1, description="for device requests that name none")] = 128
+    default_temperature: Annotated[float, Meta(ge=0, le=2, description="for device requests that name none")] = 1.0
+
+
+class CloudConfig(Table):
+    """edge-proxy --role cloud: a cloud worker"""
+
+    share_group: Annotated[str, Meta(description="workers of one group share the load ($share/{group}/{prefix}/offload/request)"),
+                           Check(check_name)] = "edge-cloud"
+    upstream: Annotated[str | None, Meta(
+        description="forward to an OpenAI-compatible server (\".../v1\") instead of the engine", examples=["http://127.0.0.1:8000/v1"]),
+        Check(_upstream)] = None
+    upstream_api_key: Annotated[Text | None, SECRET, Meta(description=f"better: ${UPSTREAM_KEY_ENV}", examples=["sk-..."])] = None
+    upstream_model: Annotated[Text | None, Meta(description="default: the name the gateway sent", examples=["glm-4-9b-chat"])] = None
+    max_concurrent: Annotated[int, Meta(
+        ge=1, le=10_000, description="requests served at once; more are refused (busy) for the gateway to go elsewhere")] = 8
 
 
 def offload_config_from(data: dict[str, Any], path: Path | None) -> OffloadConfig:
-    return _load(OffloadConfig, "offload", data, path)
+    return load_table(OffloadConfig, data, "offload", path)
 
 
 def devices_config_from(data: dict[str, Any], path: Path | None) -> DevicesConfig:
-    return _load(DevicesConfig, "devices", data, path)
+    return load_table(DevicesConfig, data, "devices", path)
 
 
 def cloud_config_from(data: dict[str, Any], path: Path | None, environ: dict[str, str] | None = None) -> CloudConfig:
     environ = os.environ if environ is None else environ
-    extra = {"upstream_api_key": environ[UPSTREAM_KEY_ENV]} if environ.get(UPSTREAM_KEY_ENV) else None
-    return _load(CloudConfig, "cloud", data, path, extra)
-
-
-def _reply_prefix(name: str, value: Any) -> None:
-    check_prefix(name, value)
-
-
-def _upstream(name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise ConfigError(f"{name}: must be an http:// or https:// URL, got {value!r}")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"{name}: must be an http:// or https:// base URL such as http://host:8000/v1, got {value!r}")
-    if parts.username or parts.password:
-        raise ConfigError(f"{name}: must not carry credentials; set upstream_api_key or ${UPSTREAM_KEY_ENV}")
-
-
-_OFFLOAD_RULES: dict[str, tomlconf.Rule] = {
-    "enabled": tomlconf.boolean,
-    "max_wait_s": tomlconf.number(0, 3600),
-    "max_cpu_temp_c": tomlconf.number(0, 200),
-    "max_memory_percent": tomlconf.number(0, 100),
-    "status_interval_s": tomlconf.number(0.05, 3600),
-    "accept_timeout_s": tomlconf.number(0, 600, positive=True),
-    "idle_timeout_s": tomlconf.number(0, 3600, positive=True),
-    "breaker_failures": tomlconf.integer(1, 1000),
-    "breaker_cooldown_s": tomlconf.number(0, 3600, positive=True),
-    "max_in_flight": tomlconf.integer(1, 100_000),
-    "retry_local": tomlconf.boolean,
-}
-_DEVICES_RULES: dict[str, tomlconf.Rule] = {
-    "enabled": tomlconf.boolean,
-    "reply_prefix": _reply_prefix,
-    "max_payload_bytes": tomlconf.integer(256, 16 << 20),
-    "max_concurrent": tomlconf.integer(1, 10_000),
-    "rate_limit_requests_per_min": tomlconf.number(0),
-    "rate_limit_tokens_per_min": tomlconf.number(0),
-    "default_max_tokens": tomlconf.integer(1, 2**31 - 1),
-    "default_temperature": tomlconf.number(0, 2),
-}
-_CLOUD_RULES: dict[str, tomlconf.Rule] = {
-    "share_group": check_name,
-    "upstream": _upstream,
-    "upstream_api_key": tomlconf.text,
-    "upstream_model": tomlconf.text,
-    "max_concurrent": tomlconf.integer(1, 10_000),
-}
+    loaded = {"upstream_api_key": environ[UPSTREAM_KEY_ENV]} if environ.get(UPSTREAM_KEY_ENV) else {}
+    return load_table(CloudConfig, data, "cloud", path, **loaded)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import tomllib
+from msgspec import Meta
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import Check, ConfigError, Table, Text, convert, load_table, read_config_file
 
 from .detectors import DETECTORS
 
@@ -34,8 +34,57 @@ ACTIONS = ("log", "redact", "block")  # in rising order of risk
 DIRECTIONS = ("input", "output", "both")
 MAX_TERM_CHARS = 256
 _PII_REPLACEMENTS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "national_id": "[NATIONAL_ID]"}
-_TABLE_KEYS = {"hold_back_chars", "policy_file", "categories", "pii", "enabled"}
-_CATEGORY_KEYS = {"action", "direction", "terms", "patterns", "replacement"}
+Action = Literal[ACTIONS]  # type: ignore[valid-type]
+Detector = Literal[tuple(DETECTORS)]  # type: ignore[valid-type]
+
+
+def _not_blank(key: str, value: str) -> None:
+    if not value.strip():
+        raise ConfigError(f"{key}: must not be blank")
+
+
+def _regex(key: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{key}: invalid regular expression ({exc})") from None
+
+
+Term = Annotated[str, Meta(min_length=1, max_length=MAX_TERM_CHARS), Check(_not_blank)]
+
+
+class CategoryTable(Table):
+    """A category of prompts or outputs to act on (any name)."""
+
+    action: Annotated[Action, Meta(description="block | redact | log: the most this category does")] = "block"
+    direction: Annotated[Literal[DIRECTIONS], Meta(description="input | output | both")] = "both"  # type: ignore[valid-type]
+    terms: Annotated[tuple[Term, ...], Meta(
+        description="matched as words after normalization (width, case, homoglyphs)", examples=[["pipe bomb"]])] = ()
+    patterns: Annotated[tuple[Annotated[Term, Check(_regex)], ...], Meta(
+        description="regular expressions, on normalized text")] = ()
+    replacement: Annotated[str, Meta(max_length=MAX_TERM_CHARS, description="what redaction writes")] = "[REDACTED]"
+
+    def check(self) -> None:
+        if not self.terms and not self.patterns:
+            raise ConfigError("needs terms or patterns")
+
+
+class PolicyTable(Table):
+    """The categories of a policy: in the config file's [safety] table or in a policy file."""
+
+    categories: Annotated[dict[str, CategoryTable], Meta(description="terms and patterns to act on, by category (any name)")] = {}
+    pii: Annotated[dict[Detector, Action], Meta(
+        description=f"built-in detectors ({', '.join(DETECTORS)}) = action", examples=[{"email": "redact"}])] = {}
+
+
+class SafetyTable(PolicyTable):
+    """The safety filter on prompts and outputs (README.md, "Safety filter")."""
+
+    enabled: Annotated[bool, Meta(description="screen prompts and outputs (when categories are set)")] = True
+    hold_back_chars: Annotated[int, Meta(ge=1, le=4096, description="streamed output held back to catch phrases split across chunks")] = 64
+    policy_file: Annotated[Text | None, Meta(
+        description="categories and pii from this file instead (reloaded on change or SIGHUP)",
+        examples=["/etc/edge-runtime/safety.toml"], extra={"alternative": True})] = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +103,8 @@ class Category:
 
 @dataclass(frozen=True)
 class SafetyConfig:
+    """The policy in force, resolved from a SafetyTable (and its policy file)."""
+
     enabled: bool = True
     hold_back_chars: int = 64
     categories: tuple[Category, ...] = ()
@@ -67,40 +118,19 @@ class SafetyConfig:
 
 def from_table(table: Any, source: Path | None) -> SafetyConfig:
     """A `[safety]` table; with `policy_file`, the categories and pii come from that file."""
-    where = f"{source}: [safety]" if source else "[safety]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    _known(table, _TABLE_KEYS, where)
-    enabled = table.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{where} enabled: must be true or false")
-    hold = table.get("hold_back_chars", 64)
-    if isinstance(hold, bool) or not isinstance(hold, int) or not 1 <= hold <= 4096:
-        raise ConfigError(f"{where} hold_back_chars: must be an integer in [1, 4096], got {hold!r}")
-    policy_file = table.get("policy_file")
-    if policy_file is not None:
-        if not isinstance(policy_file, str) or not policy_file:
-            raise ConfigError(f"{where} policy_file: must be a path")
-        path = Path(policy_file) if source is None else source.parent / policy_file
-        return SafetyConfig(enabled, hold, read_policy_file(path), path, source)
-    return SafetyConfig(enabled, hold, _categories(table, where), None, source)
+    return _resolve(load_table(SafetyTable, {"safety": table}, "safety", source), source)
 
 
 def read_policy_file(path: Path) -> tuple[Category, ...]:
     """The categories of a policy file: its `[safety]` table's `categories` and `pii`, or the
     same keys at its top level."""
+    data, path = read_config_file(path)
+    if "safety" in data:
+        return _categories(load_table(PolicyTable, data, "safety", path))
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read safety policy ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-    table = data.get("safety", data)
-    where = f"{path}: [safety]" if "safety" in data else f"{path}:"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    _known(table, {"categories", "pii"}, where)
-    return _categories(table, where)
+        return _categories(convert(PolicyTable, data))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def load(data: dict[str, Any], source: Path | None) -> SafetyConfig:
@@ -111,72 +141,21 @@ def load(data: dict[str, Any], source: Path | None) -> SafetyConfig:
 def reload(config: SafetyConfig) -> SafetyConfig:
     """The policy read again from where `config` came from."""
     if config.source is not None:
-        try:
-            data = tomllib.loads(config.source.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{config.source}: cannot read config ({exc})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config.source}: invalid TOML ({exc})") from None
-        return load(data, config.source)
+        return load(read_config_file(config.source)[0], config.source)
     if config.policy_file is not None:
         return SafetyConfig(config.enabled, config.hold_back_chars, read_policy_file(config.policy_file), config.policy_file)
     return config
 
 
-def _known(table: dict[str, Any], known: set[str], where: str) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(sorted(known))})")
+def _resolve(table: SafetyTable, source: Path | None) -> SafetyConfig:
+    if table.policy_file is None:
+        return SafetyConfig(table.enabled, table.hold_back_chars, _categories(table), None, source)
+    path = Path(table.policy_file) if source is None else source.parent / table.policy_file
+    return SafetyConfig(table.enabled, table.hold_back_chars, read_policy_file(path), path, source)
 
 
-def _categories(table: dict[str, Any], where: str) -> tuple[Category, ...]:
-    out: list[Category] = []
-    categories = table.get("categories", {})
-    if not isinstance(categories, dict):
-        raise ConfigError(f"{where} categories: must be a table of categories ([safety.categories.NAME])")
-    for name, spec in categories.items():
-        out.append(_category(name, spec, f"{where} categories.{name}"))
-    pii = table.get("pii", {})
-    if not isinstance(pii, dict):
-        raise ConfigError(f"{where} pii: must be a table of detector = action")
-    for detector, action in pii.items():
-        if detector not in DETECTORS:
-            raise ConfigError(f"{where} pii.{detector}: unknown detector (known: {', '.join(DETECTORS)})")
-        if action not in ACTIONS:
-            raise ConfigError(f"{where} pii.{detector}: must be one of {', '.join(ACTIONS)}, got {action!r}")
-        out.append(Category(f"pii_{detector}", action, detector=detector, replacement=_PII_REPLACEMENTS[detector]))
-    return tuple(out)
-
-
-def _category(name: str, spec: Any, where: str) -> Category:
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: must be a table")
-    _known(spec, _CATEGORY_KEYS, where)
-    action = spec.get("action", "block")
-    if action not in ACTIONS:
-        raise ConfigError(f"{where}.action: must be one of {', '.join(ACTIONS)}, got {action!r}")
-    direction = spec.get("direction", "both")
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"{where}.direction: must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
-    terms = _strings(spec.get("terms", []), f"{where}.terms")
-    patterns = _strings(spec.get("patterns", []), f"{where}.patterns")
-    for i, pattern in enumerate(patterns):
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"{where}.patterns[{i}]: invalid regular expression ({exc})") from None
-    if not terms and not patterns:
-        raise ConfigError(f"{where}: needs terms or patterns")
-    replacement = spec.get("replacement", "[REDACTED]")
-    if not isinstance(replacement, str):
-        raise ConfigError(f"{where}.replacement: must be a string")
-    return Category(name, action, direction, terms, patterns, None, replacement)
-
-
-def _strings(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise ConfigError(f"{where}: must be a list of strings")
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not item.strip() or len(item) > MAX_TERM_CHARS:
-            raise ConfigError(f"{where}[{i}]: must be a non-empty string of at most {MAX_TERM_CHARS} characters")
-    return tuple(value)
+def _categories(table: PolicyTable) -> tuple[Category, ...]:
+    named = [Category(name, c.action, c.direction, c.terms, c.patterns, None, c.replacement) for name, c in table.categories.items()]
+    pii = [Category(f"pii_{detector}", action, detector=detector, replacement=_PII_REPLACEMENTS[detector])
+           for detector, action in table.pii.items()]
+    return (*named, *pii)

@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from edge_runtime.config import ConfigError
+from edge_wire.settings import ConfigError
 
 from . import policy
 from .filter import EventSink, SafetyFilter
