@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge_runtime.config import load_config as load_engine_config
 from edge_runtime.errors import EdgeRuntimeError
+from edge_wire.settings import ConfigError
 
 from .config import load_config as load_proxy_config
 from .mqtt import check_name, parse_url
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return up(args.config, args.host, args.port, args.model, mqtt=args.mqtt, gateway_id=args.gateway_id)
-    except EdgeRuntimeError as exc:  # ConfigError among them
+    except (EdgeRuntimeError, ConfigError) as exc:
         print(f"edge-runtime: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
