@@ -66,6 +66,10 @@ class Gateway:
         self.url = "http://127.0.0.1:%d" % self.runner.addresses[0][1]
         await self.services.client.wait_connected(10)
         await self.services.wait_subscribed(10)
+        if self.mqtt.offload.max_memory_percent:  # offloading by memory needs the router's first reading of it
+            async with asyncio.timeout(10):
+                while self.sidecar.parts.router.health.memory_percent is None:
+                    await asyncio.sleep(0.01)
 
     def __enter__(self) -> Gateway:
         self._thread.start()

@@ -39,7 +39,7 @@ def config_models() -> set[type[Table]]:
             visit(sub)
 
     visit(Table)
-    modules = {m.__module__ for m in top} | {"proxy.jwt_config", "proxy.ratelimit"}
+    modules = {m.__module__ for m in top} | {"proxy.jwt_config", "proxy.core.ratelimit"}
     return {m for m in found if m.__module__ in modules}
 
 
