@@ -1,7 +1,7 @@
 """The sidecar's MQTT side, on one broker connection: the fleet agent (when `[fleet] enabled`),
 offload to cloud workers (the router's cloud path), the IoT device front, and, in role `cloud`,
-the cloud worker. `load_settings` reads what they need from the config file and the command
-line; `attach(app, settings)` starts and stops them with the aiohttp application.
+the cloud worker. `attach(app, settings)` starts and stops them with the aiohttp application
+(proxy/broker_settings.py reads their settings).
 
 The broker is used when `[mqtt] url` is set, `--mqtt URL` is given, `[fleet] enabled` is true,
 or the role is `cloud`; without one the sidecar is the plain HTTP gateway it always was.
@@ -18,7 +18,6 @@ import asyncio
 import logging
 import secrets
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,74 +26,19 @@ from aiohttp import web
 
 from edge_wire.settings import ConfigError
 
+from .broker_settings import GATEWAY, MqttSettings
 from .compose import LIVE_PROXY_KEYS, Parts
 from .devices.front import DeviceFront
-from .fleet import APPLIED, NEEDS_RESTART, FleetAgent, FleetConfig, ManagedTable, fleet_config_from
+from .fleet import APPLIED, NEEDS_RESTART, FleetAgent, ManagedTable
 from .http.request_state import SERVED_BY
-from .mqtt import MqttClient, MqttConfig, Topics, mqtt_config_from
-from .offload import (
-    CloudConfig,
-    CloudWorker,
-    DevicesConfig,
-    EngineBackend,
-    MqttMetrics,
-    OffloadConfig,
-    Offloader,
-    UpstreamBackend,
-    cloud_config_from,
-    devices_config_from,
-    offload_config_from,
-)
+from .mqtt import MqttClient
+from .offload import CloudWorker, EngineBackend, MqttMetrics, Offloader, UpstreamBackend
 
 log = logging.getLogger("proxy.broker")
 
-GATEWAY, CLOUD = "gateway", "cloud"
-ROLES = (GATEWAY, CLOUD)
 SERVICES = web.AppKey("mqtt_services", "MqttServices")
 _GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _RESTART_DEVICES = frozenset({"enabled", "reply_prefix"})
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    mqtt: MqttConfig | None  # None: no broker
-    fleet: FleetConfig
-    offload: OffloadConfig
-    devices: DevicesConfig
-    cloud: CloudConfig
-    role: str = GATEWAY
-    config_path: Path | None = None  # the file, for the fleet agent's view of what a push may change
-
-    @property
-    def gateway_id(self) -> str:
-        return self.fleet.resolved_gateway_id()
-
-    @property
-    def topics(self) -> Topics:
-        return Topics(self.fleet.topic_prefix)
-
-
-def load_settings(data: dict[str, Any], path: Path | None, *, mqtt_url: str | None = None, gateway_id: str | None = None,
-                  role: str = GATEWAY, upstream: str | None = None, environ: dict[str, str] | None = None) -> MqttSettings:
-    """The MQTT side's settings from a parsed config file and the command line's overrides."""
-    if role not in ROLES:
-        raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {role!r}")
-    fleet = _flag("--gateway-id", fleet_config_from(data, path), gateway_id=gateway_id)
-    mqtt = _flag("--mqtt", mqtt_config_from(data, path, environ), url=mqtt_url)
-    table = data.get("mqtt")
-    wanted = mqtt_url is not None or (isinstance(table, dict) and "url" in table) or fleet.enabled or role == CLOUD
-    cloud = _flag("--upstream", cloud_config_from(data, path, environ), upstream=upstream)
-    return MqttSettings(mqtt if wanted else None, fleet, offload_config_from(data, path), devices_config_from(data, path),
-                        cloud, role, path)
-
-
-def _flag(flag: str, config: Any, **override: Any) -> Any:
-    """`config` with a command-line flag's value laid over it (None: not given); a bad value is
-    refused naming the flag."""
-    try:
-        return config.with_overrides(**override)
-    except ConfigError as exc:
-        raise ConfigError(f"{flag}: {exc}") from None
 
 
 class MqttServices:

@@ -21,10 +21,8 @@ from edge_runtime.sd_notify import notify, watchdog_interval_s
 from edge_wire.settings import ConfigError, read_config_file
 
 from .auth.keys import hash_key
-from .broker import GATEWAY, ROLES, MqttSettings, attach, load_settings
+from .broker_settings import GATEWAY, ROLES, MqttSettings, load_settings
 from .config import API_KEYS_ENV, ProxyConfig, proxy_config_from
-from .fleet import applied_config, overlay
-from .fleet.signing import KeyFileError
 from .http.app import SIDECAR, Sidecar, build_app, make_runner
 
 log = logging.getLogger("proxy.main")
@@ -69,7 +67,9 @@ def _hash_key(args: argparse.Namespace) -> int:
 async def serve(config: ProxyConfig, mqtt: MqttSettings | None = None) -> None:
     """Listen until SIGTERM/SIGINT, then let requests in flight finish (up to grace_s)."""
     app = build_app(config)
-    if mqtt is not None:
+    if mqtt is not None and mqtt.mqtt is not None:
+        from .broker import attach  # (its code loads only with a broker)
+
         attach(app, mqtt)  # the broker side: fleet agent, offload, device front, cloud worker
     runner = make_runner(app, config)
     await runner.setup()
@@ -120,6 +120,8 @@ def load(args: argparse.Namespace) -> tuple[ProxyConfig, MqttSettings]:
     cli = {"mqtt_url": args.mqtt, "gateway_id": args.gateway_id, "role": args.role, "upstream": args.upstream}
     mqtt = load_settings(data, path, **cli)
     if mqtt.fleet.enabled and mqtt.role == GATEWAY:
+        from .fleet import applied_config, overlay  # (the fleet's code loads only when it is on)
+
         data = overlay(data, applied_config(mqtt.fleet))  # what the controller pushed stays in force
         mqtt = load_settings(data, path, **cli)
     config = proxy_config_from(data, path).with_overrides(host=args.host, port=args.port, engine_socket=args.engine_socket)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(serve(config, mqtt))
         finally:
             tracing.shutdown()  # exports the spans still buffered
-    except (ConfigError, KeyFileError) as exc:
+    except ConfigError as exc:  # a KeyFileError among them
         print(f"edge-proxy: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the fleet state directory cannot be written

@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.broker import SERVICES, MqttSettings, attach
+from proxy.broker import SERVICES, attach
+from proxy.broker_settings import MqttSettings
 from proxy.config import ProxyConfig
 from proxy.fleet import FleetConfig
 from proxy.http.app import SIDECAR, build_app, make_runner

@@ -59,3 +59,10 @@ def test_no_module_names_a_forbidden_package(package, forbidden):
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert offenders == []
+
+
+def test_a_sidecar_without_a_broker_loads_no_mqtt_side():
+    """Memory and start-up: paho, the fleet agent's signing code and psutil load only when used."""
+    loaded = loaded_after("import proxy.main\nproxy.main.load(proxy.main._parser().parse_args([]))\n"
+                          "from proxy.http.app import build_app\nbuild_app(proxy.main.load(proxy.main._parser().parse_args([]))[0])")
+    assert {"paho", "cryptography", "psutil", "sqlite3"} & loaded == set()

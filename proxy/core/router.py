@@ -31,8 +31,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from edge_runtime.client import CONNECTION_LOST, Busy, EngineError
 from edge_wire.frames import BUSY, INTERNAL, SHUTTING_DOWN
 
@@ -83,7 +81,7 @@ class Health:
         self.cpu_temp_c: float | None = None
         self.memory_percent: float | None = None
         self.read_temperature: Callable[[], float | None] = cpu_temperature  # replaceable (tests)
-        self.read_memory: Callable[[], float | None] = lambda: psutil.virtual_memory().percent
+        self.read_memory: Callable[[], float | None] = memory_percent
 
     async def sample(self, config: OffloadConfig) -> None:
         status = await self.link.status(timeout_s=max(0.05, min(1.0, config.status_interval_s)))
@@ -105,8 +103,16 @@ class Health:
         return self.estimated_wait_s if time.monotonic() - self.status_at <= max_age_s else None
 
 
+def memory_percent() -> float:
+    import psutil  # (only a gateway that offloads reads the sensors)
+
+    return psutil.virtual_memory().percent
+
+
 def cpu_temperature() -> float | None:
     """The hottest CPU sensor in °C (any sensor when none is recognisably the CPU's); None without sensors."""
+    import psutil
+
     read = getattr(psutil, "sensors_temperatures", None)
     sensors = read() if read is not None else {}
     if not sensors:

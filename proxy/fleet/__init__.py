@@ -1,13 +1,25 @@
 """Fleet sync: presence, telemetry and desired/reported configuration between a gateway and
-its controller over MQTT (the gateway side: FleetAgent; the controller: edgectl)."""
+its controller over MQTT (the gateway side: FleetAgent; the controller: edgectl).
 
-from .agent import FleetAgent
-from .config import FleetConfig, fleet_config_from, load_fleet_config
-from .schema import ManagedTable, default_tables, managed, overlay
-from .sync import APPLIED, NEEDS_RESTART, applied_config
-from .telemetry import EngineStatus
+Its names are loaded on first use: reading the config tables does not import the rest
+(a sidecar without a broker never loads paho, the fleet agent or the signing code).
+"""
 
-__all__ = [
-    "APPLIED", "NEEDS_RESTART", "EngineStatus", "FleetAgent", "FleetConfig", "ManagedTable", "applied_config",
-    "default_tables", "fleet_config_from", "load_fleet_config", "managed", "overlay",
-]
+from .. import lazy
+
+_EXPORTS = {
+    "FleetAgent": ".agent",
+    "FleetConfig": ".config",
+    "fleet_config_from": ".config",
+    "load_fleet_config": ".config",
+    "ManagedTable": ".schema",
+    "default_tables": ".schema",
+    "managed": ".schema",
+    "overlay": ".schema",
+    "APPLIED": ".sync",
+    "NEEDS_RESTART": ".sync",
+    "applied_config": ".sync",
+    "EngineStatus": ".telemetry",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -11,9 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_wire.settings import ConfigError, read_config_file
 from edge_runtime.logs import setup_logging
 from edge_runtime.sd_notify import notify, watchdog_interval_s
+from edge_wire.settings import ConfigError, read_config_file
 
 from ..config import load_config as load_proxy_config
 from ..mqtt import mqtt_config_from

@@ -17,10 +17,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_wire.settings import ConfigError
+
 SIGNATURE_FIELD = "signature"
 
 
-class KeyFileError(Exception):
+class KeyFileError(ConfigError):
     """A key file that cannot be read or is not an Ed25519 key."""
 
 

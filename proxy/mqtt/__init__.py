@@ -1,13 +1,29 @@
 """The MQTT connection layer shared by fleet sync, the device front and offload: an asyncio
 client on paho-mqtt (v5, falling back to 3.1.1; TLS; reconnect with backoff; Last Will; a
-bounded outbound queue), its `[mqtt]` configuration, and the topic tree."""
+bounded outbound queue), its `[mqtt]` configuration, and the topic tree.
 
-from .client import Message, MessageProperties, MqttClient, MqttClosed, MqttError, OutMessage, QueueFull
-from .config import BrokerAddress, MqttConfig, load_mqtt_config, mqtt_config_from, parse_url
-from .topics import Topics, check_name, check_prefix
+Its names are loaded on first use: reading the config tables does not import the rest
+(a sidecar without a broker never loads paho, the fleet agent or the signing code).
+"""
 
-__all__ = [
-    "BrokerAddress", "Message", "MessageProperties", "MqttClient", "MqttClosed", "MqttConfig", "MqttError",
-    "OutMessage", "QueueFull", "Topics", "check_name", "check_prefix", "load_mqtt_config", "mqtt_config_from",
-    "parse_url",
-]
+from .. import lazy
+
+_EXPORTS = {
+    "Message": ".client",
+    "MessageProperties": ".client",
+    "MqttClient": ".client",
+    "MqttClosed": ".client",
+    "MqttError": ".client",
+    "OutMessage": ".client",
+    "QueueFull": ".client",
+    "BrokerAddress": ".config",
+    "MqttConfig": ".config",
+    "load_mqtt_config": ".config",
+    "mqtt_config_from": ".config",
+    "parse_url": ".config",
+    "Topics": ".topics",
+    "check_name": ".topics",
+    "check_prefix": ".topics",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -1,15 +1,28 @@
 """Offload to cloud workers over MQTT (docs/offload-protocol.md): the gateway's publisher and
 reply assembler (gateway.py, assembler.py), the cloud worker (worker.py), the wire format
 (protocol.py), the `[offload]`, `[devices]` and `[cloud]` config tables (config.py) and their
-metrics (metrics.py)."""
+metrics (metrics.py).
 
-from .assembler import OffloadFailed, ReplyAssembler
-from .config import CloudConfig, DevicesConfig, OffloadConfig, cloud_config_from, devices_config_from, offload_config_from
-from .gateway import Offloader
-from .metrics import MqttMetrics
-from .worker import CloudWorker, EngineBackend, UpstreamBackend
+Its names are loaded on first use: reading the config tables does not import the rest
+(a sidecar without a broker never loads paho, the fleet agent or the signing code).
+"""
 
-__all__ = [
-    "CloudConfig", "CloudWorker", "DevicesConfig", "EngineBackend", "MqttMetrics", "OffloadConfig", "OffloadFailed",
-    "Offloader", "ReplyAssembler", "UpstreamBackend", "cloud_config_from", "devices_config_from", "offload_config_from",
-]
+from .. import lazy
+
+_EXPORTS = {
+    "OffloadFailed": ".assembler",
+    "ReplyAssembler": ".assembler",
+    "CloudConfig": ".config",
+    "DevicesConfig": ".config",
+    "OffloadConfig": ".config",
+    "cloud_config_from": ".config",
+    "devices_config_from": ".config",
+    "offload_config_from": ".config",
+    "Offloader": ".gateway",
+    "MqttMetrics": ".metrics",
+    "CloudWorker": ".worker",
+    "EngineBackend": ".worker",
+    "UpstreamBackend": ".worker",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -1,0 +1,68 @@
+"""The settings of the sidecar's MQTT side (broker, fleet, offload, devices, cloud worker), read
+from the config file and the command line. Apart from proxy/broker.py, which runs that side, so
+that a sidecar without a broker loads none of it (paho, the fleet agent, the signing code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_wire.settings import ConfigError
+
+from .fleet.config import FleetConfig, fleet_config_from
+from .mqtt.config import MqttConfig, mqtt_config_from
+from .mqtt.topics import Topics
+from .offload.config import (
+    CloudConfig,
+    DevicesConfig,
+    OffloadConfig,
+    cloud_config_from,
+    devices_config_from,
+    offload_config_from,
+)
+
+GATEWAY, CLOUD = "gateway", "cloud"
+ROLES = (GATEWAY, CLOUD)
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    mqtt: MqttConfig | None  # None: no broker
+    fleet: FleetConfig
+    offload: OffloadConfig
+    devices: DevicesConfig
+    cloud: CloudConfig
+    role: str = GATEWAY
+    config_path: Path | None = None  # the file, for the fleet agent's view of what a push may change
+
+    @property
+    def gateway_id(self) -> str:
+        return self.fleet.resolved_gateway_id()
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.fleet.topic_prefix)
+
+
+def load_settings(data: dict[str, Any], path: Path | None, *, mqtt_url: str | None = None, gateway_id: str | None = None,
+                  role: str = GATEWAY, upstream: str | None = None, environ: dict[str, str] | None = None) -> MqttSettings:
+    """The MQTT side's settings from a parsed config file and the command line's overrides."""
+    if role not in ROLES:
+        raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {role!r}")
+    fleet = _flag("--gateway-id", fleet_config_from(data, path), gateway_id=gateway_id)
+    mqtt = _flag("--mqtt", mqtt_config_from(data, path, environ), url=mqtt_url)
+    table = data.get("mqtt")
+    wanted = mqtt_url is not None or (isinstance(table, dict) and "url" in table) or fleet.enabled or role == CLOUD
+    cloud = _flag("--upstream", cloud_config_from(data, path, environ), upstream=upstream)
+    return MqttSettings(mqtt if wanted else None, fleet, offload_config_from(data, path), devices_config_from(data, path),
+                        cloud, role, path)
+
+
+def _flag(flag: str, config: Any, **override: Any) -> Any:
+    """`config` with a command-line flag's value laid over it (None: not given); a bad value is
+    refused naming the flag."""
+    try:
+        return config.with_overrides(**override)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
