@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .builder.build import DEFAULT_INT8_FORM, BuildOptions, build
+from .builder.build import DEFAULT_INT8_FORM, FLAVOURS, BuildOptions, build
 from .builder.quantize import INT8_FORMS
 from .builder.spec import ARCHITECTURES
 from .config import LOG_LEVELS, load_config
@@ -36,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("source", type=Path)
     b.add_argument("-o", "--output", type=Path, required=True)
     b.add_argument("--quant", choices=("int8", "fp32"), default="int8")
-    b.add_argument("--int8-form", choices=INT8_FORMS, default=DEFAULT_INT8_FORM)
+    b.add_argument("--flavour", choices=tuple(FLAVOURS), default="ort",
+                   help="ort: ONNX Runtime's fused operators (CPU); tensorrt: standard operators with Q/DQ INT8 (docs/jetson.md)")
+    b.add_argument("--int8-form", choices=(*INT8_FORMS, "qdq"),
+                   help=f"INT8 weight form (default: {DEFAULT_INT8_FORM} for ort; tensorrt takes only qdq)")
     b.add_argument("--arch", choices=ARCHITECTURES, help="expected architecture (default: read from the checkpoint)")
     b.add_argument("--max-context", type=int)
 
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":
-            options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context)
+            options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context,
+                                   flavour=args.flavour)
             print(build(args.source, args.output, options))
         elif args.command == "generate":
             _sampling(args)  # validate before loading the model
