@@ -9,11 +9,12 @@ from pathlib import Path
 from .builder.build import DEFAULT_INT8_FORM, FLAVOURS, BuildOptions, build
 from .builder.quantize import INT8_FORMS
 from .builder.spec import ARCHITECTURES
-from .config import LOG_LEVELS, load_config
+from .config import DEVICES, LOG_LEVELS, load_config
 from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
 
-_SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "queue_size", "prefix_cache_mb", "grace_s", "log_level")
+_SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "device", "queue_size", "prefix_cache_mb", "grace_s",
+                    "log_level")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int)
     s.add_argument("--max-context", type=int)
     s.add_argument("--threads", type=int)
+    s.add_argument("--device", choices=DEVICES, help="cpu (default), cuda or tensorrt (docs/jetson.md)")
     s.add_argument("--queue-size", type=int)
     s.add_argument("--prefix-cache-mb", type=float)
     s.add_argument("--grace", dest="grace_s", type=float, help="seconds running streams may finish after SIGTERM")

@@ -18,6 +18,7 @@ from .protocol import DEFAULT_MAX_FRAME
 DEFAULT_CONFIG_PATH = Path("/etc/edge-runtime/config.toml")
 SOCKET_NAME = "engine.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICES = ("cpu", "cuda", "tensorrt")  # execution devices; never guessed (backends/providers.py)
 
 
 class ConfigError(EdgeRuntimeError):
@@ -31,6 +32,8 @@ class EngineConfig:
     max_batch: int = 4  # KV slots: sequences decoded together
     max_context: int | None = None  # tokens per slot; None: the model's
     threads: int | None = None  # CPU threads; None: ONNX Runtime's choice
+    device: str = "cpu"  # "cpu" | "cuda" | "tensorrt" (backends/providers.py; docs/jetson.md)
+    trt_workspace_mb: int = 1024  # TensorRT's scratch memory limit (device "tensorrt")
     queue_size: int = 64  # requests waiting for a slot before the engine answers busy
     prefill_chunk: int = 256
     prefix_cache_mb: float = 0.0  # 0: no prefix cache
@@ -139,9 +142,15 @@ def _text(name: str, value: Any) -> None:
         raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")
 
 
-def _log_level(name: str, value: Any) -> None:
-    if value not in LOG_LEVELS:
-        raise ConfigError(f"{name}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+def _choice(choices: tuple[str, ...]):
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
+_log_level = _choice(LOG_LEVELS)
 
 
 def _warmup_prompts(name: str, value: Any) -> None:
@@ -162,6 +171,8 @@ _RULES = {
     "max_batch": _int(1, 1024),
     "max_context": _int(2),
     "threads": _int(1, 1024),
+    "device": _choice(DEVICES),
+    "trt_workspace_mb": _int(64, 1 << 20),
     "queue_size": _int(1),
     "prefill_chunk": _int(1),
     "prefix_cache_mb": _number(0),
