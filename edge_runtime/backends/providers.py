@@ -83,11 +83,7 @@ def plan_device(config: EngineConfig, model_dir: Path) -> DevicePlan:
     device = config.device
     if device == "cpu":
         return CPU
-    available = ort.get_available_providers()
-    for needed in (device, "cuda"):
-        if _PROVIDER[needed] not in available:
-            raise DeviceError(f"device {device!r} needs {_PROVIDER[needed]}, which this onnxruntime "
-                              f"{ort.__version__} does not have (it has {', '.join(available)}): {_INSTALL}")
+    require_providers(device)
     cuda = ("CUDAExecutionProvider", {"device_id": 0})
     if device == "cuda":
         return DevicePlan(device, [cuda, ("CPUExecutionProvider", {})])
@@ -99,7 +95,18 @@ def plan_device(config: EngineConfig, model_dir: Path) -> DevicePlan:
     gpu = probe_gpu()
     check_profile(manifest, model_dir, shapes, workspace, gpu)
     trt = tensorrt_options(manifest, shapes, workspace, gpu, tensorrt_version(), ort.__version__, cache_dir())
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        Path(trt[key]).mkdir(parents=True, exist_ok=True)
     return DevicePlan(device, [("TensorrtExecutionProvider", trt), cuda, ("CPUExecutionProvider", {})])
+
+
+def require_providers(device: str) -> None:
+    """Refuses a GPU device whose providers this onnxruntime lacks (the CPU-only package)."""
+    available = ort.get_available_providers()
+    for needed in (device, "cuda"):
+        if _PROVIDER[needed] not in available:
+            raise DeviceError(f"device {device!r} needs {_PROVIDER[needed]}, which this onnxruntime "
+                              f"{ort.__version__} does not have (it has {', '.join(available)}): {_INSTALL}")
 
 
 # ---------------------------------------------------------------------------------------------- TensorRT

@@ -10,15 +10,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from ..errors import CheckpointError
 from ..manifest import MANIFEST, read_manifest
 from ..tokenizer import export_tokenizer
-from .checkpoint import checksum, files_sha256, load_checkpoint
+from .checkpoint import Checkpoint, checksum, files_sha256, load_checkpoint
 from .onnx_graph import build_graph
 from .quantize import INT8_FORMS
 from .trt_graph import build_trt_graph
@@ -88,23 +90,14 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        write_graph = FLAVOURS[options.flavour][0]
-        model = write_graph(ckpt, graph_quant, max_context, None if quiet else _progress("building layers"))
-        onnx.save_model(model, staging / "model.onnx", save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        graph = write_model(ckpt, staging, options, max_context, None if quiet else _progress("building layers"))
         tok = export_tokenizer(source, staging)
         manifest = {
             "format": "edge-runtime-model",
             "build_key": key,
-            "model_file": "model.onnx",
             "source": str(source.resolve()),
             "source_sha256": digest,
-            "quantization": graph_quant,
-            "flavour": options.flavour,
-            # Names the graph in TensorRT engine-cache paths (backends/providers.py).
-            "graph_sha256": files_sha256([staging / "model.onnx", staging / "model.onnx.data"]),
-            "max_context": max_context,
-            "spec": spec.to_dict(),
+            **graph,
             "tokenizer": tok.to_dict(),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -113,6 +106,25 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def write_model(ckpt: Checkpoint, out_dir: Path, options: BuildOptions, max_context: int,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Write the graph of `ckpt` (model.onnx + model.onnx.data) into out_dir; returns the
+    manifest entries that describe it."""
+    quant = options.graph_quant()
+    model = FLAVOURS[options.flavour][0](ckpt, quant, max_context, progress)
+    onnx.save_model(model, out_dir / "model.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    return {
+        "model_file": "model.onnx",
+        "quantization": quant,
+        "flavour": options.flavour,
+        # Names the graph in TensorRT engine-cache paths (backends/providers.py).
+        "graph_sha256": files_sha256([out_dir / "model.onnx", out_dir / "model.onnx.data"]),
+        "max_context": max_context,
+        "spec": ckpt.spec.to_dict(),
+    }
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:
