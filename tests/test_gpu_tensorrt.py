@@ -5,6 +5,7 @@ this onnxruntime has no GPU providers or there is no GPU; never run by the defau
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,10 +14,9 @@ import pytest
 
 from edge_runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_runtime.backends.providers import DeviceError, plan_device, probe_gpu, require_providers, tensorrt_version
-from edge_runtime.builder.build import BuildOptions, build
 from edge_runtime.config import EngineConfig
 from logit_metrics import mean_kl
-from test_builder_parity import our_logits
+from test_builder_parity import builds, our_logits  # noqa: F401 (builds is a fixture)
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +35,7 @@ def _need(device: str) -> None:
     print(f"\n{gpu.name} sm{gpu.compute_capability[0]}{gpu.compute_capability[1]}, TensorRT {trt}")
 
 
-# Requested before trt_builds, so that a machine without them skips before building anything.
+# Requested before builds, so that a machine without them skips before building anything.
 @pytest.fixture(scope="module")
 def tensorrt() -> None:
     _need("tensorrt")
@@ -44,15 +44,6 @@ def tensorrt() -> None:
 @pytest.fixture(scope="module")
 def cuda() -> None:
     _need("cuda")
-
-
-@pytest.fixture(scope="module")
-def trt_builds(tiny_checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu")
-    return {
-        (arch, quant): build(tiny_checkpoints[arch][0], out / f"{arch}-{quant}", BuildOptions(quant=quant, flavour="tensorrt"), quiet=True)
-        for arch in ("llama", "glm") for quant in ("fp32", "int8")
-    }
 
 
 def _config(device: str) -> EngineConfig:
@@ -68,25 +59,26 @@ def _logits_on(device: str, model_dir: Path, ids: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ["llama", "glm"])
 @pytest.mark.parametrize("quant", ["fp32", "int8"])
-def test_tensorrt_matches_the_cpu_run(arch, quant, tensorrt, trt_builds):
+def test_tensorrt_matches_the_cpu_run(arch, quant, tensorrt, builds):
     ids = np.random.default_rng(4).integers(0, 320, 20)
-    cpu = _logits_on("cpu", trt_builds[arch, quant], ids)
-    gpu = _logits_on("tensorrt", trt_builds[arch, quant], ids)
+    cpu = _logits_on("cpu", builds[arch, quant, "tensorrt"], ids)
+    gpu = _logits_on("tensorrt", builds[arch, quant, "tensorrt"], ids)
     kl = mean_kl(cpu, gpu)
     print(f"{arch} {quant}: TensorRT vs CPU mean KL {kl:.2e}, max |diff| {np.abs(cpu - gpu).max():.3e}")
     assert kl < FP16_MAX_MEAN_KL
     assert (cpu.argmax(-1) == gpu.argmax(-1)).mean() >= 0.9
 
 
-def test_engine_is_built_once_and_reused_from_the_cache(tensorrt, trt_builds):
-    model_dir = trt_builds["glm", "int8"]
-    plan = plan_device(_config("tensorrt"), model_dir)
+def test_engine_is_built_once_and_reused_from_the_cache(tensorrt, builds):
+    model_dir = builds["glm", "int8", "tensorrt"]
+    config = dataclasses.replace(_config("tensorrt"), max_batch=1)  # a profile no other test builds
+    plan = plan_device(config, model_dir)
     cache = Path(plan.providers[0][1]["trt_engine_cache_path"])
-    assert not cache.exists() or not any(cache.iterdir()), "the test's private cache should start empty"
+    assert not any(cache.iterdir()), "the test session's private cache should start empty"
 
     def start() -> float:
         began = time.monotonic()
-        OnnxRuntimeBackend(model_dir, max_batch=2, max_context=256, device=plan)
+        OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, device=plan)
         return time.monotonic() - began
 
     first = start()
@@ -99,10 +91,10 @@ def test_engine_is_built_once_and_reused_from_the_cache(tensorrt, trt_builds):
           f"weights on disk {(model_dir / 'model.onnx.data').stat().st_size / 2**20:.1f} MiB")
 
 
-def test_cuda_device_matches_the_cpu_run(cuda, trt_builds):
+def test_cuda_device_matches_the_cpu_run(cuda, builds):
     ids = np.random.default_rng(5).integers(0, 320, 20)
-    cpu = _logits_on("cpu", trt_builds["glm", "fp32"], ids)
-    gpu = _logits_on("cuda", trt_builds["glm", "fp32"], ids)
+    cpu = _logits_on("cpu", builds["glm", "fp32", "tensorrt"], ids)
+    gpu = _logits_on("cuda", builds["glm", "fp32", "tensorrt"], ids)
     kl = mean_kl(cpu, gpu)
     print(f"CUDA vs CPU mean KL {kl:.2e}")
     assert kl < FP16_MAX_MEAN_KL  # TF32 matmuls on Ampere and later
