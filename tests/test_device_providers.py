@@ -68,7 +68,9 @@ def test_profile_spans_decode_and_prefill_shapes(trt_model):
     spec = ModelSpec.from_dict(read_manifest(trt_model)["spec"])  # 2 layers, 2 KV heads of 32
     shapes = profile_shapes(spec, SHAPES)
     lo, opt, hi = (dict(item.split(":") for item in shapes[f"trt_profile_{w}_shapes"].split(",")) for w in ("min", "opt", "max"))
-    assert set(lo) == {"input_ids", "seqlens_k", "logits_index"} | {f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    assert set(lo) == {"input_ids", "seqlens_k", "logits_index", "total_sequence_length"} | {
+        f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    assert (lo["total_sequence_length"], opt["total_sequence_length"], hi["total_sequence_length"]) == ("1", "256", "256")
     assert (lo["input_ids"], opt["input_ids"], hi["input_ids"]) == ("1x1", "4x1", "4x64")
     assert (lo["logits_index"], opt["logits_index"], hi["logits_index"]) == ("1", "1", "64")
     assert (lo["past_key_values.1.value"], opt["past_key_values.1.value"], hi["past_key_values.1.value"]) == ("1x2x1x32", "4x2x256x32", "4x2x256x32")

@@ -120,6 +120,9 @@ def profile_shapes(spec: ModelSpec, shapes: Shapes) -> dict[str, str]:
         "input_ids": ((1, 1), (b, 1), (b, chunk)),
         "seqlens_k": ((1,), (b,), (b,)),
         "logits_index": ((1,), (1,), (chunk,)),  # prefill_logits asks for every position
+        # The attended length: it reaches the graph's shapes (Slice ends), which makes it a
+        # TensorRT shape tensor, whose profile entry holds values rather than dimensions.
+        "total_sequence_length": ((1,), (ctx,), (ctx,)),
     }
     kv = ((1, spec.num_kv_heads, 1, spec.head_dim), (b, spec.num_kv_heads, ctx, spec.head_dim), (b, spec.num_kv_heads, ctx, spec.head_dim))
     for i in range(spec.num_layers):
