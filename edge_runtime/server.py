@@ -456,7 +456,7 @@ def serve(config: EngineConfig) -> int:
     notify("STATUS=loading model")
     model_dir = resolve_model(config.model, quiet=True)
     tokenizer = Tokenizer.from_dir(model_dir)  # first: see OnnxRuntimeBackend
-    device = plan_device(config.device, model_dir, config)
+    device = plan_device(config, model_dir)
     backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads, device=device)
     info = model_info(config.model, model_dir, backend, tokenizer)
     log.info("model loaded", extra={"model": info["id"], "dir": str(model_dir), "max_batch": backend.max_batch})

@@ -5,6 +5,8 @@ config, the model and the GPU's facts (given here as a GpuInfo, as probe_gpu rea
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +123,16 @@ def test_profile_that_cannot_hold_the_shapes_is_refused(trt_model, change, reaso
 def test_tensorrt_version_numbers():
     assert version_string(100300) == "10.3.0"  # 10.x: major*10000 + minor*100 + patch
     assert version_string(8602) == "8.6.2"  # 8.x: major*1000 + minor*100 + patch
+
+
+def test_serve_refuses_a_missing_device_at_start(tiny_model_dir, tmp_path):
+    """`edge-runtime serve --device tensorrt` on a machine without the provider: one clear line, exit 2."""
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has TensorrtExecutionProvider")
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_runtime.cli", "serve", "--model", str(tiny_model_dir), "--device", "tensorrt",
+         "--socket", str(tmp_path / "e.sock")], capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "edge-runtime: error: device 'tensorrt' needs TensorrtExecutionProvider" in done.stderr
+    assert not (tmp_path / "e.sock").exists()
