@@ -20,7 +20,7 @@ from logit_metrics import mean_kl
 from test_default_model import TEXT, _ref_logits, reference  # noqa: F401 (reference is a fixture)
 
 TARGET_TENSORRT = "10.3"  # JetPack 6.1 / 6.2
-OPSET = 17  # within the opsets TensorRT 10's parser takes (7 to 20 in 10.3)
+OPSET = 17  # inside the opset range operators.md gives for TensorRT 10.x (9 to 20)
 
 # TensorRT 10.3's ONNX operator support, from onnx-tensorrt's docs/operators.md (branch
 # release/10.3-GA): the operators this graph needs, each with the attributes the parser honours
