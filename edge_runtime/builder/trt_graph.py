@@ -70,7 +70,9 @@ class TrtGraphWriter(GraphWriter):
         return self.op1("Gather", [rows, ids]), q
 
     def tied_lm_head(self, x: str, q: PerChannelInt8, vocab: int, hidden: int) -> str:
-        return self.op1("MatMul", [x, self._dequantized("embed", q)])  # the same node: computed once
+        # A DequantizeLinear of its own over the shared int8 table: TensorRT fuses a DQ into the
+        # one layer that reads it.
+        return self.op1("MatMul", [x, self._dequantized("embed", q)])
 
     def qkv_weights(self, ckpt: Checkpoint, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         w, b = super().qkv_weights(ckpt, i)
