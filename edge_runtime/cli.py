@@ -11,14 +11,15 @@ from pathlib import Path
 
 from edge_wire.settings import LOG_LEVELS, ConfigError
 
-from .builder.build import DEFAULT_INT8_FORM, BuildOptions, build
+from .builder.build import DEFAULT_INT8_FORM, FLAVOURS, BuildOptions, build
 from .builder.quantize import INT8_FORMS
 from .builder.spec import ARCHITECTURES
-from .config import load_config
+from .config import DEVICES, load_config
 from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
 
-_SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "queue_size", "prefix_cache_mb", "grace_s", "log_level")
+_SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "device", "queue_size", "prefix_cache_mb", "grace_s",
+                    "log_level")
 
 COMMANDS = "edge_runtime.commands"  # entry-point group of the subcommands other packages add
 
@@ -43,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("source", type=Path)
     b.add_argument("-o", "--output", type=Path, required=True)
     b.add_argument("--quant", choices=("int8", "fp32"), default="int8")
-    b.add_argument("--int8-form", choices=INT8_FORMS, default=DEFAULT_INT8_FORM)
+    b.add_argument("--flavour", choices=tuple(FLAVOURS), default="ort",
+                   help="ort: ONNX Runtime's fused operators (CPU); tensorrt: standard operators with Q/DQ INT8 (docs/jetson.md)")
+    b.add_argument("--int8-form", choices=(*INT8_FORMS, "qdq"),
+                   help=f"INT8 weight form (default: {DEFAULT_INT8_FORM} for ort; tensorrt takes only qdq)")
     b.add_argument("--arch", choices=ARCHITECTURES, help="expected architecture (default: read from the checkpoint)")
     b.add_argument("--max-context", type=int)
 
@@ -62,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int)
     s.add_argument("--max-context", type=int)
     s.add_argument("--threads", type=int)
+    s.add_argument("--device", choices=DEVICES, help="cpu (default), cuda or tensorrt (docs/jetson.md)")
     s.add_argument("--queue-size", type=int)
     s.add_argument("--prefix-cache-mb", type=float)
     s.add_argument("--grace", dest="grace_s", type=float, help="seconds running streams may finish after SIGTERM")
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":
-            options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context)
+            options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context,
+                                   flavour=args.flavour)
             print(build(args.source, args.output, options))
         elif args.command == "generate":
             _sampling(args)  # validate before loading the model

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from msgspec import Meta
 
+from edge_wire.frames import DEFAULT_MAX_FRAME
 from edge_wire.settings import LogLevel, Table, Text, load_table, read_config_file
 
-from edge_wire.frames import DEFAULT_MAX_FRAME
-
 SOCKET_NAME = "engine.sock"
+
+Device = Literal["cpu", "cuda", "tensorrt"]  # where the model runs; never guessed (backends/providers.py)
+DEVICES: tuple[str, ...] = get_args(Device)
 
 # A prefix cached at start: raw prompt text, or {system = "..."} rendered with the chat template.
 WarmupPrompt = Text | Annotated[dict[Literal["system"], Text], Meta(min_length=1)]
@@ -31,6 +33,9 @@ class EngineConfig(Table):
         description="tokens per slot (default: the model's)", examples=[2048])] = None
     threads: Annotated[Annotated[int, Meta(ge=1, le=1024)] | None, Meta(
         description="CPU threads (default: ONNX Runtime's choice)", examples=[4])] = None
+    device: Annotated[Device, Meta(
+        description="where the model runs: cpu, cuda or tensorrt (docs/jetson.md); never guessed")] = "cpu"
+    trt_workspace_mb: Annotated[int, Meta(ge=1, description="TensorRT's scratch memory limit (device tensorrt)")] = 1024
     queue_size: Annotated[int, Meta(ge=1, description="requests waiting for a slot before the engine answers busy")] = 64
     prefill_chunk: Annotated[int, Meta(ge=1, description="prompt tokens prefilled per step")] = 256
     prefix_cache_mb: Annotated[float, Meta(ge=0, description="prefix KV cache budget; 0: off")] = 0.0

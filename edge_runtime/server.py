@@ -465,6 +465,7 @@ def prepare_socket_path(path: Path) -> None:
 def serve(config: EngineConfig) -> int:
     """Load the model, start the engine thread, serve until SIGTERM/SIGINT; returns the exit status."""
     from .backends.onnxruntime import OnnxRuntimeBackend
+    from .backends.providers import plan_device
     from .models import resolve_model
 
     setup_logging(config.log_level)
@@ -473,7 +474,8 @@ def serve(config: EngineConfig) -> int:
     notify("STATUS=loading model")
     model_dir = resolve_model(config.model, quiet=True)
     tokenizer = Tokenizer.from_dir(model_dir)  # first: see OnnxRuntimeBackend
-    backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads)
+    device = plan_device(config, model_dir)
+    backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads, device=device)
     info = model_info(config.model, model_dir, backend, tokenizer)
     log.info("model loaded", extra={"model": info["id"], "dir": str(model_dir), "max_batch": backend.max_batch})
     scheduler = Scheduler(

@@ -1,5 +1,7 @@
-"""Logit parity of our ONNX builds against transformers' reference implementations, on
-random small checkpoints of each architecture: fp32 tight, INT8 by KL divergence."""
+"""Logit parity of our ONNX builds (both graph flavours: ONNX Runtime's and TensorRT's, the
+latter run here on ONNX Runtime's CPU provider) against transformers' reference
+implementations, on random small checkpoints of each architecture: fp32 tight, INT8 by KL
+divergence."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from edge_runtime.builder.build import BuildOptions, build
 from logit_metrics import mean_kl
 
 ARCHS = ("llama", "qwen2", "glm", "glm4")
+FLAVOURS = ("ort", "tensorrt")
 # INT8 measure: mean over positions of KL(reference || ours) of the next-token distribution.
 INT8_MAX_MEAN_KL = 1e-4  # random models have flat distributions: the KL is ~1e-6
 
@@ -37,37 +40,41 @@ def our_logits(backend: OnnxRuntimeBackend, ids: np.ndarray) -> np.ndarray:
 def builds(tiny_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("builds")
     return {
-        (arch, quant): build(ckpt, out / f"{arch}-{quant}", BuildOptions(quant=quant), quiet=True)
+        (arch, quant, flavour): build(ckpt, out / f"{arch}-{quant}-{flavour}", BuildOptions(quant=quant, flavour=flavour), quiet=True)
         for arch, (ckpt, _) in tiny_checkpoints.items()
         for quant in ("fp32", "int8")
+        for flavour in FLAVOURS
     }
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fp32_matches_reference_for_prefill_and_decode(arch, tiny_checkpoints, builds):
+def test_fp32_matches_reference_for_prefill_and_decode(arch, flavour, tiny_checkpoints, builds):
     _, ref_model = tiny_checkpoints[arch]
     ids = np.random.default_rng(1).integers(0, 320, 20)
     ref = reference_logits(ref_model, ids)
-    ours = our_logits(OnnxRuntimeBackend(builds[arch, "fp32"], max_batch=2), ids)
+    ours = our_logits(OnnxRuntimeBackend(builds[arch, "fp32", flavour], max_batch=2), ids)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_int8_stays_close_to_reference(arch, tiny_checkpoints, builds):
+def test_int8_stays_close_to_reference(arch, flavour, tiny_checkpoints, builds):
     _, ref_model = tiny_checkpoints[arch]
     ids = np.random.default_rng(2).integers(0, 320, 20)
     ref = reference_logits(ref_model, ids)
-    ours = our_logits(OnnxRuntimeBackend(builds[arch, "int8"], max_batch=2), ids)
+    ours = our_logits(OnnxRuntimeBackend(builds[arch, "int8", flavour], max_batch=2), ids)
     kl = mean_kl(ref, ours)
-    print(f"{arch} int8 mean KL {kl:.2e}")
+    print(f"{arch} {flavour} int8 mean KL {kl:.2e}")
     assert kl < INT8_MAX_MEAN_KL
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("arch", ("llama", "glm4"))
-def test_batched_decode_matches_single(arch, builds):
+def test_batched_decode_matches_single(arch, flavour, builds):
     """Sequences of different lengths decoding in one batch get the logits they get alone."""
-    backend = OnnxRuntimeBackend(builds[arch, "fp32"], max_batch=3)
+    backend = OnnxRuntimeBackend(builds[arch, "fp32", flavour], max_batch=3)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 320, n) for n in (5, 11, 8)]
     alone = []

@@ -14,19 +14,7 @@ from ..builder.spec import ModelSpec
 from ..errors import CheckpointError, ContextLengthExceeded
 from ..manifest import read_manifest
 from ..memory import release_free_heap
-
-# Tried in this order when the caller asks for "auto"; CPU is always the fallback.
-_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-
-
-def choose_providers(requested: list[str] | None) -> list[str]:
-    available = ort.get_available_providers()
-    if requested:
-        missing = [p for p in requested if p not in available]
-        if missing:
-            raise RuntimeError(f"execution provider(s) {missing} not available (have {available})")
-        return requested
-    return [p for p in _GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+from .providers import CPU, DevicePlan
 
 
 class OnnxRuntimeBackend:
@@ -36,7 +24,7 @@ class OnnxRuntimeBackend:
         max_batch: int = 4,
         max_context: int | None = None,
         threads: int | None = None,
-        providers: list[str] | None = None,
+        device: DevicePlan = CPU,  # providers.plan_device: explicit, checked before loading
     ) -> None:
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
@@ -52,7 +40,7 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_dir / manifest["model_file"]), options, providers=choose_providers(providers))
+        self.session = device.open_session(model_dir / manifest["model_file"], options)
         shape = (max_batch, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
         # np.zeros maps lazily: pages become resident only as the cache fills.
         self._cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.spec.num_layers)]

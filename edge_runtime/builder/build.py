@@ -10,36 +10,50 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from ..errors import CheckpointError
 from ..manifest import MANIFEST, read_manifest
 from ..tokenizer import export_tokenizer
-from .checkpoint import checksum, load_checkpoint
+from .checkpoint import Checkpoint, checksum, files_sha256, load_checkpoint
 from .onnx_graph import build_graph
 from .quantize import INT8_FORMS
+from .trt_graph import build_trt_graph
 
 BUILDER_VERSION = 1
 DEFAULT_INT8_FORM = "nbits"  # as fast as "dq" and far closer to fp32: bench/int8_forms.py
 DEFAULT_MAX_CONTEXT = 8192
+# Graph flavour -> (graph writer, its INT8 forms, the default one). "ort": ONNX Runtime's fused
+# contrib operators; "tensorrt": standard operators with Q/DQ INT8 (trt_graph.py).
+FLAVOURS = {
+    "ort": (build_graph, INT8_FORMS, DEFAULT_INT8_FORM),
+    "tensorrt": (build_trt_graph, ("qdq",), "qdq"),
+}
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     quant: str = "int8"  # "int8" | "fp32"
-    int8_form: str = DEFAULT_INT8_FORM
+    int8_form: str | None = None  # None: the flavour's default
     arch: str | None = None
     max_context: int | None = None  # None: the checkpoint's, capped at DEFAULT_MAX_CONTEXT
+    flavour: str = "ort"
 
     def graph_quant(self) -> str:
+        if self.flavour not in FLAVOURS:
+            raise CheckpointError(f"unknown graph flavour {self.flavour!r} (known: {', '.join(FLAVOURS)})")
         if self.quant == "fp32":
             return "fp32"
-        if self.quant != "int8" or self.int8_form not in INT8_FORMS:
-            raise CheckpointError(f"unknown quantization {self.quant}/{self.int8_form}")
-        return self.int8_form
+        _, forms, default = FLAVOURS[self.flavour]
+        form = self.int8_form or default
+        if self.quant != "int8" or form not in forms:
+            raise CheckpointError(f"unknown quantization {self.quant}/{form} for the {self.flavour} flavour (INT8 forms: {', '.join(forms)})")
+        return form
 
 
 def _progress(label: str):
@@ -65,7 +79,7 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
         raise CheckpointError(f"{source}: no such file or directory")
     digest = checksum(source, None if quiet else _progress(f"hashing {source.name}"))
     key = {"source_sha256": digest, "quant": graph_quant, "arch": options.arch,
-           "max_context": options.max_context, "builder_version": BUILDER_VERSION}
+           "max_context": options.max_context, "flavour": options.flavour, "builder_version": BUILDER_VERSION}
     existing = read_manifest(out_dir)
     if existing and existing.get("build_key") == key and (out_dir / existing["model_file"]).exists():
         return out_dir
@@ -76,19 +90,14 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model = build_graph(ckpt, graph_quant, max_context, None if quiet else _progress("building layers"))
-        onnx.save_model(model, staging / "model.onnx", save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        graph = write_model(ckpt, staging, options, max_context, None if quiet else _progress("building layers"))
         tok = export_tokenizer(source, staging)
         manifest = {
             "format": "edge-runtime-model",
             "build_key": key,
-            "model_file": "model.onnx",
             "source": str(source.resolve()),
             "source_sha256": digest,
-            "quantization": graph_quant,
-            "max_context": max_context,
-            "spec": spec.to_dict(),
+            **graph,
             "tokenizer": tok.to_dict(),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -97,6 +106,25 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def write_model(ckpt: Checkpoint, out_dir: Path, options: BuildOptions, max_context: int,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Write the graph of `ckpt` (model.onnx + model.onnx.data) into out_dir; returns the
+    manifest entries that describe it."""
+    quant = options.graph_quant()
+    model = FLAVOURS[options.flavour][0](ckpt, quant, max_context, progress)
+    onnx.save_model(model, out_dir / "model.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    return {
+        "model_file": "model.onnx",
+        "quantization": quant,
+        "flavour": options.flavour,
+        # Names the graph in TensorRT engine-cache paths (backends/providers.py).
+        "graph_sha256": files_sha256([out_dir / "model.onnx", out_dir / "model.onnx.data"]),
+        "max_context": max_context,
+        "spec": ckpt.spec.to_dict(),
+    }
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

@@ -63,7 +63,11 @@ def source_files(source: Path) -> list[Path]:
 
 
 def checksum(source: Path, progress: Callable[[int, int], None] | None = None) -> str:
-    files = source_files(source)
+    return files_sha256(source_files(source), progress)
+
+
+def files_sha256(files: list[Path], progress: Callable[[int, int], None] | None = None) -> str:
+    """One digest over the files' names and bytes, in the order given."""
     total = sum(p.stat().st_size for p in files)
     digest = hashlib.sha256()
     done = 0

@@ -49,7 +49,12 @@ def _llama3_scaled(inv_freq: np.ndarray, s: dict[str, float]) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
-class _GraphWriter:
+class GraphWriter:
+    """Emits the nodes of one graph flavour; build_graph drives it layer by layer. This one
+    writes ONNX Runtime's fused operators (trt_graph.py subclasses it with standard ops)."""
+
+    OPSETS = {"": OPSET, MS: 1}
+
     def __init__(self, quant: str) -> None:
         self.quant = quant  # "fp32" | "dq" | "nbits"
         self.nodes: list[onnx.NodeProto] = []
@@ -132,13 +137,32 @@ class _GraphWriter:
             )
         return self.op1("DynamicQuantizeMatMul", [x, "embed.qweight", "embed.scale"], domain=MS)
 
+    def qkv_weights(self, ckpt: Checkpoint, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Layer i's fused q/k/v projection: weight [q+k+v, hidden] and bias (or None)."""
+        w = np.concatenate([ckpt.weight(f"l{i}.{n}") for n in "qkv"], axis=0)
+        b = np.concatenate([ckpt.weight(f"l{i}.{n}_bias") for n in "qkv"], axis=0) if ckpt.spec.qkv_bias else None
+        return w, b
+
+    def attention(self, spec: ModelSpec, name: str, qkv: str, past: tuple[str, str], present: tuple[str, str]) -> str:
+        """Rotary + causal attention over the cache; writes the new keys/values into present."""
+        out = f"{name}_out"
+        self.nodes.append(helper.make_node(
+            "GroupQueryAttention",
+            [qkv, "", "", *past, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+            [out, *present], name=name, domain=MS,
+            num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1,
+            rotary_interleaved=int(spec.rope_interleaved), scale=float(spec.head_dim ** -0.5),
+        ))
+        return out
+
 
 def build_graph(
-    ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None
+    ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None,
+    writer: Callable[[str], GraphWriter] = GraphWriter,
 ) -> onnx.ModelProto:
-    """quant: "fp32", "dq" or "nbits" (the two INT8 forms)."""
+    """quant: "fp32" or one of the writer's INT8 forms ("dq" or "nbits" for this module's)."""
     spec = ckpt.spec
-    g = _GraphWriter(quant)
+    g = writer(quant)
     eps = spec.rms_norm_eps
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
@@ -162,23 +186,12 @@ def build_graph(
             normed, residual = g.rms_norm(x, ckpt.weight(f"l{i}.attn_norm"), f"{p}.attn_norm", eps), x
         else:
             normed, residual = g.skip_rms_norm(x, residual, ckpt.weight(f"l{i}.attn_norm"), f"{p}.attn_norm", eps)
-        qkv_w = np.concatenate([ckpt.weight(f"l{i}.{w}") for w in "qkv"], axis=0)
-        qkv_b = None
-        if spec.qkv_bias:
-            qkv_b = np.concatenate([ckpt.weight(f"l{i}.{w}_bias") for w in "qkv"], axis=0)
-        qkv = g.linear(f"{p}.qkv", normed, qkv_w, qkv_b)
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
-        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (present_k, present_v)]
-        attn = f"{p}.attn_out"
-        g.nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
-            [attn, present_k, present_v], name=f"{p}.attn", domain=MS,
-            num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1,
-            rotary_interleaved=int(spec.rope_interleaved), scale=float(spec.head_dim ** -0.5),
-        ))
+        qkv = g.linear(f"{p}.qkv", normed, *g.qkv_weights(ckpt, i))
+        past = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        present = f"present.{i}.key", f"present.{i}.value"
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in past]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in present]
+        attn = g.attention(spec, f"{p}.attn", qkv, past, present)
         o = g.linear(f"{p}.o", attn, ckpt.weight(f"l{i}.o"))
         if spec.arch == "glm4":
             o = g.rms_norm(o, ckpt.weight(f"l{i}.post_attn_norm"), f"{p}.post_attn_norm", eps)
@@ -202,7 +215,7 @@ def build_graph(
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     graph = helper.make_graph(g.nodes, f"{spec.arch}_decoder", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in g.OPSETS.items()])
     model.ir_version = 8
     return model
 
