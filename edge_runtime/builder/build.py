@@ -19,10 +19,10 @@ import onnx
 
 from ..errors import CheckpointError
 from ..manifest import MANIFEST, read_manifest
-from ..tokenizer import export_tokenizer
 from .checkpoint import Checkpoint, checksum, files_sha256, load_checkpoint
 from .onnx_graph import build_graph
 from .quantize import INT8_FORMS
+from .tokenizer_export import export_tokenizer
 from .trt_graph import build_trt_graph
 
 BUILDER_VERSION = 1
