@@ -1,7 +1,6 @@
 """What every tool format shares: a request's tools, the deltas of the calls a parser finds, the
 format and parser interfaces, and helpers for rendering calls and writing grammars."""
 
-
 from __future__ import annotations
 
 import json
