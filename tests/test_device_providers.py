@@ -20,7 +20,8 @@ from edge_runtime.backends.providers import (
 )
 from edge_runtime.builder.build import BuildOptions, build
 from edge_runtime.builder.spec import ModelSpec
-from edge_runtime.config import ConfigError, EngineConfig, load_config
+from edge_runtime.config import EngineConfig, load_config
+from edge_wire.settings import ConfigError
 from edge_runtime.manifest import read_manifest
 
 ORIN = GpuInfo("Orin (nvgpu)", (8, 7), 8 << 30, 102.4e9)
@@ -38,7 +39,7 @@ def test_device_key_is_read_and_checked(tmp_path):
     path.write_text('[engine]\ndevice = "tensorrt"\ntrt_workspace_mb = 2048\n')
     assert (load_config(path).device, load_config(path).trt_workspace_mb) == ("tensorrt", 2048)
     path.write_text('[engine]\ndevice = "gpu"\n')
-    with pytest.raises(ConfigError, match=r"\[engine\] device: must be one of cpu, cuda, tensorrt, got 'gpu'"):
+    with pytest.raises(ConfigError, match=r"\[engine\] device: must be one of 'cpu', 'cuda', 'tensorrt', got 'gpu'"):
         load_config(path)
 
 
