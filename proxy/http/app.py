@@ -217,6 +217,11 @@ async def _stamp(request: web.BaseRequest, response: web.StreamResponse) -> None
 class AccessLogger(AbstractAccessLogger):
     """One JSON line per request (the root logger's JsonFormatter renders the fields)."""
 
+    @property
+    def enabled(self) -> bool:
+        """Below info level (log_level = "warning") the line is not even built."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields = {
             "request_id": request.get(REQUEST_ID), "method": request.method, "path": request.path,
