@@ -1,5 +1,7 @@
 """Package names that import their module on first use (PEP 562), so that importing one part of
-a package (its config tables, say) does not load all the others."""
+a package (its config tables, say) does not load all the others: a sidecar without a broker
+reads the MQTT side's settings but never loads paho, the fleet agent or the signing code, which
+keeps its memory and start-up small."""
 
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Fleet sync: presence, telemetry and desired/reported configuration between a gateway and
-its controller over MQTT (the gateway side: FleetAgent; the controller: edgectl).
-
-Its names are loaded on first use: reading the config tables does not import the rest
-(a sidecar without a broker never loads paho, the fleet agent or the signing code).
-"""
+its controller over MQTT (the gateway side: FleetAgent; the controller: edgectl)."""
 
 from .. import lazy
 
+# Each name loads its module on first use (proxy/lazy.py says why).
 _EXPORTS = {
     "FleetAgent": ".agent",
     "FleetConfig": ".config",

@@ -1,13 +1,10 @@
 """The MQTT connection layer shared by fleet sync, the device front and offload: an asyncio
 client on paho-mqtt (v5, falling back to 3.1.1; TLS; reconnect with backoff; Last Will; a
-bounded outbound queue), its `[mqtt]` configuration, and the topic tree.
-
-Its names are loaded on first use: reading the config tables does not import the rest
-(a sidecar without a broker never loads paho, the fleet agent or the signing code).
-"""
+bounded outbound queue), its `[mqtt]` configuration, and the topic tree."""
 
 from .. import lazy
 
+# Each name loads its module on first use (proxy/lazy.py says why).
 _EXPORTS = {
     "Message": ".client",
     "MessageProperties": ".client",

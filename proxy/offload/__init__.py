@@ -1,14 +1,11 @@
 """Offload to cloud workers over MQTT (docs/offload-protocol.md): the gateway's publisher and
 reply assembler (gateway.py, assembler.py), the cloud worker (worker.py), the wire format
 (protocol.py), the `[offload]`, `[devices]` and `[cloud]` config tables (config.py) and their
-metrics (metrics.py).
-
-Its names are loaded on first use: reading the config tables does not import the rest
-(a sidecar without a broker never loads paho, the fleet agent or the signing code).
-"""
+metrics (metrics.py)."""
 
 from .. import lazy
 
+# Each name loads its module on first use (proxy/lazy.py says why).
 _EXPORTS = {
     "OffloadFailed": ".assembler",
     "ReplyAssembler": ".assembler",
