@@ -13,7 +13,7 @@ from typing import Any
 
 from edge_wire.frames import BUSY, DEFAULT_MAX_FRAME, FRAME_TOO_LARGE, ProtocolError, encode_frame, read_frame
 
-from .config import default_socket_path
+from .config import check_socket_dir, default_socket_path
 
 log = logging.getLogger("edge_runtime.client")
 
@@ -56,7 +56,9 @@ class EngineClient:
     async def connect(cls, path: str | Path | None = None, *, max_frame_bytes: int = DEFAULT_MAX_FRAME) -> EngineClient:
         """Connect to the engine at `path` (default: the engine's default socket path);
         `max_frame_bytes` should match the engine's limit, so oversize requests fail here."""
-        reader, writer = await asyncio.open_unix_connection(str(path or default_socket_path()))
+        path = Path(path or default_socket_path())
+        check_socket_dir(path.parent, create=False)  # an OSError: callers treat it as the engine being unreachable
+        reader, writer = await asyncio.open_unix_connection(str(path))
         return cls(reader, writer, max_frame_bytes)
 
     async def __aenter__(self) -> EngineClient:

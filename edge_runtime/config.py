@@ -4,6 +4,7 @@ tables belong to the sidecar), a Table of the config convention (edge_wire/setti
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -11,6 +12,8 @@ from msgspec import Meta
 
 from edge_wire.frames import DEFAULT_MAX_FRAME
 from edge_wire.settings import LogLevel, Table, Text, load_table, read_config_file
+
+from .errors import EdgeRuntimeError
 
 SOCKET_NAME = "engine.sock"
 
@@ -61,7 +64,44 @@ def default_socket_path() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "edge-runtime" / SOCKET_NAME
-    return Path(f"/tmp/edge-runtime-{os.getuid()}") / SOCKET_NAME
+    return fallback_socket_dir() / SOCKET_NAME
+
+
+def fallback_socket_dir() -> Path:
+    """The per-user directory in /tmp: anyone may create it first, so it is checked before use."""
+    return Path(f"/tmp/edge-runtime-{os.getuid()}")
+
+
+class UnsafeSocketDir(EdgeRuntimeError, PermissionError):
+    """A socket directory someone else controls: whoever does could swap the socket and read prompts."""
+
+
+def check_socket_dir(directory: Path, *, create: bool) -> None:
+    """For the /tmp fallback only (other places are the system's or the user's own): create it
+    0700 when `create`, and refuse it unless it is a real directory of ours that nobody else
+    may write to. A client checks too, so it never talks to a socket planted by another user."""
+    if Path(directory) != fallback_socket_dir():
+        return
+    if create:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise UnsafeSocketDir(f"{directory}: cannot create the socket directory ({exc.strerror or exc})") from None
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return  # nothing there yet: nothing to trust or distrust
+    uid = os.getuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeSocketDir(f"{directory}: not a directory (a symlink or file someone put there?); refusing it for the engine socket")
+    if st.st_uid != uid:
+        raise UnsafeSocketDir(f"{directory}: owned by uid {st.st_uid}, not by this user ({uid}); refusing it for the engine socket "
+                              "(another user could swap the socket and read prompts). Remove it, or set [engine] socket_path")
+    if st.st_mode & 0o022:
+        raise UnsafeSocketDir(f"{directory}: mode {stat.S_IMODE(st.st_mode):04o} lets others write to it; refusing it for the "
+                              "engine socket (chmod 700 it, or remove it)")
 
 
 def load_config(path: Path | None = None) -> EngineConfig:

@@ -44,7 +44,7 @@ from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, frame_i
 from edge_wire.settings import ConfigError
 
 from . import engine_spans, tracing
-from .config import EngineConfig
+from .config import EngineConfig, check_socket_dir
 from .errors import ContextLengthExceeded, EdgeRuntimeError, InvalidRequest
 from .generate import GenerationChunk
 from .grammar import Constraint
@@ -438,6 +438,7 @@ def prepare_socket_path(path: Path) -> None:
     any file that is not a socket."""
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         raise EdgeRuntimeError(f"{path}: socket path longer than {_MAX_SOCKET_PATH} bytes")
+    check_socket_dir(path.parent, create=True)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

@@ -1,10 +1,17 @@
 """The engine daemon's config: the [engine] table, its validation, overrides, socket path."""
 
+import asyncio
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
+from edge_runtime.client import EngineClient
 from edge_runtime.config import EngineConfig, default_socket_path, load_config
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.server import prepare_socket_path
 from edge_wire import settings as config_module
 from edge_wire.settings import ConfigError
 
@@ -78,3 +85,72 @@ def test_default_socket_path(monkeypatch):
     assert default_socket_path() == Path("/run/edge-runtime/engine.sock")
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/edge-runtime-x")
     assert default_socket_path() == Path("/run/edge-runtime-x/engine.sock")
+
+
+# A uid no one on the test machine uses: its /tmp/edge-runtime-$UID is ours to squat and clean up.
+SQUAT_UID = 54329
+
+
+def _as_victim() -> str:
+    """In a forked child running as SQUAT_UID (the modules are loaded already: the child need not
+    read root's files): start the engine's socket setup, then connect as a client would."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report on the pipe, never return into pytest
+        lines = []
+        try:
+            os.setgid(SQUAT_UID)
+            os.setuid(SQUAT_UID)
+            path = default_socket_path()
+            try:
+                prepare_socket_path(path)
+                lines.append("engine: ok")
+            except EdgeRuntimeError as exc:
+                lines.append(f"engine: {exc}")
+            try:
+                asyncio.run(EngineClient.connect(path))
+            except OSError as exc:
+                lines.append(f"client: {type(exc).__name__}: {exc}")
+        finally:
+            os.write(write_end, "\n".join(lines).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="playing two users (a squatter and a victim) needs root")
+@pytest.mark.parametrize("squat", ["other owner", "world-writable", "symlink", "none"])
+def test_a_squatted_fallback_socket_directory_is_refused(squat, tmp_path, monkeypatch):
+    """The victim (SQUAT_UID) starts the engine with the /tmp fallback; the squatter (root here)
+    made the directory first. The engine refuses it, and so does a client about to connect."""
+    for name in ("RUNTIME_DIRECTORY", "INVOCATION_ID", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    directory = Path(f"/tmp/edge-runtime-{SQUAT_UID}")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.unlink(missing_ok=True)
+    try:
+        if squat == "other owner":
+            directory.mkdir(mode=0o755)  # root's: the socket inside would be root's choice
+        elif squat == "world-writable":
+            directory.mkdir()
+            os.chown(directory, SQUAT_UID, SQUAT_UID)
+            directory.chmod(0o777)
+        elif squat == "symlink":
+            (tmp_path / "elsewhere").mkdir()
+            directory.symlink_to(tmp_path / "elsewhere")
+        out = _as_victim()
+        if squat == "none":  # nobody got there first: made 0700, ours; no engine yet, so the client finds no socket
+            st = os.lstat(directory)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (SQUAT_UID, 0o700)
+            assert "engine: ok" in out and "client: FileNotFoundError" in out
+            return
+        reason = {"other owner": f"owned by uid 0, not by this user ({SQUAT_UID})", "world-writable": "mode 0777 lets others write to it",
+                  "symlink": "not a directory"}[squat]
+        assert f"engine: {directory}: {reason}" in out and "refusing it for the engine socket" in out
+        assert f"client: UnsafeSocketDir: {directory}: {reason}" in out
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.unlink(missing_ok=True)
