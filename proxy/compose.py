@@ -47,7 +47,8 @@ class Parts:
             if not live["cache_enabled"]:
                 service.cache = None
             elif service.cache is None:
-                service.cache = ResponseCache(live["cache_max_entries"], live["cache_max_bytes"], live["cache_ttl_s"])
+                service.cache = ResponseCache(live["cache_max_entries"], live["cache_max_bytes"], live["cache_ttl_s"],
+                                              shared=self.config.cache_shared)
             else:
                 service.cache.resize(live["cache_max_entries"], live["cache_max_bytes"], live["cache_ttl_s"])
         if "request_timeout_s" in changes:
@@ -63,6 +64,7 @@ def build(config: ProxyConfig) -> Parts:
     limiter = RateLimiter(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min, config.rate_limit_tiers)
     safety = PolicySource(config.safety, metrics.safety_event)
     router = Router(link)  # local engine first; the cloud too once offload is enabled (proxy/broker.py)
-    cache = ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s) if config.cache_enabled else None
+    cache = (ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s, shared=config.cache_shared)
+             if config.cache_enabled else None)
     service = CompletionService(link, router, metrics, safety, config.model_aliases, config.request_timeout_s, cache)
     return Parts(config, link, Authenticator(config.api_keys, config.jwt), limiter, metrics, safety, router, service)

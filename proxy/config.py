@@ -47,6 +47,8 @@ class ProxyConfig(Table):
     cache_max_entries: Annotated[int, Meta(ge=1, le=10_000_000, description="responses cached")] = 1024
     cache_max_bytes: Annotated[int, Meta(ge=1024, le=1 << 40, description="bytes of cached responses")] = 16 << 20
     cache_ttl_s: Annotated[float, Meta(gt=0, description="how long a cached response is served")] = 600.0
+    cache_shared: Annotated[bool, Meta(
+        description="one cache for all callers (else per API key / JWT subject: a hit never tells one caller what another sent)")] = False
     model_aliases: Annotated[tuple[Annotated[str, Meta(min_length=1, max_length=256)], ...], Meta(
         description='more names for the engine\'s model, e.g. ["gpt-4o-mini"]')] = ()
     grace_s: Annotated[float, Meta(ge=0, description="requests in flight may finish this long after SIGTERM")] = 30.0

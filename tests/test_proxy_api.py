@@ -288,6 +288,21 @@ def test_api_keys(engine):
         assert doc["paths"]["/v1/chat/completions"]["post"]["security"] == [{"apiKey": []}]
 
 
+def test_the_cache_never_tells_one_caller_what_another_sent(engine):
+    """Caller B sends the prompt A sent: without cache_shared, B is served by the engine (no
+    `x-served-by: cache` betraying A), while A's own repeat is a hit; with it, B gets A's entry."""
+    body = {"model": ALIAS, "messages": [{"role": "user", "content": "my secret plan"}], "max_tokens": 5, "temperature": 0}
+    keys = (hash_key("sk-alice"), hash_key("sk-bob"))
+    for shared, bob_sees in ((False, "local"), (True, "cache")):
+        with _proxy(engine, api_keys=keys, cache_shared=shared) as p:
+            url = f"{p.url}/v1/chat/completions"
+            alice, bob = ({"Authorization": f"Bearer sk-{who}"} for who in ("alice", "bob"))
+            assert http("POST", url, json=body, headers=alice)[1]["x-served-by"] == "local"
+            assert http("POST", url, json=body, headers=bob)[1]["x-served-by"] == bob_sees
+            assert http("POST", url, json=body, headers=alice)[1]["x-served-by"] == "cache"
+            assert http("POST", url, json=body, headers=bob)[1]["x-served-by"] == "cache"
+
+
 def test_rate_limits(engine):
     with _proxy(engine, rate_limit_requests_per_min=2) as p:
         url = f"{p.url}/v1/chat/completions"

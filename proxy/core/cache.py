@@ -27,15 +27,20 @@ class CachedResult:
         return _ENTRY_OVERHEAD + sys.getsizeof(self.text) + _LOGPROB_BYTES * len(self.logprobs or ())
 
 
-def cache_key(model: str, kind: str, fields: dict[str, Any]) -> bytes:
+def cache_key(model: str, kind: str, fields: dict[str, Any], scope: str | None = None) -> bytes:
     """A digest of the canonical JSON of what decides the output: model, endpoint, prompt and
-    the generation parameters (never stream options, user or metadata)."""
-    canonical = json.dumps([model, kind, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    the generation parameters (never stream options, user or metadata), and whose entry it is
+    (`scope`: the caller; None for a cache shared by all)."""
+    canonical = json.dumps([model, kind, fields, scope], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).digest()
 
 
 class ResponseCache:
-    def __init__(self, max_entries: int, max_bytes: int, ttl_s: float) -> None:
+    """`shared`: one caller's entries answer another's requests (a hit, seen in `x-served-by`,
+    would tell a caller what another sent); else each caller has its own entries."""
+
+    def __init__(self, max_entries: int, max_bytes: int, ttl_s: float, *, shared: bool = False) -> None:
+        self.shared = shared
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s

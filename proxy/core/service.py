@@ -93,7 +93,8 @@ class CompletionService:
         model = await self.resolve_model(req.model)
         safety = self.safety.current()
         req = _screen(req, safety)  # before the cache and the engine: a blocked prompt goes nowhere
-        key = cache_key(model, req.kind, req.cache_fields()) if self.cache is not None and req.deterministic else None
+        key = (cache_key(model, req.kind, req.cache_fields(), None if self.cache.shared else caller.client)
+               if self.cache is not None and req.deterministic else None)
         if key is not None:
             with spans.span("cache.lookup") as span:
                 hit = self.cache.get(key)
