@@ -4,6 +4,8 @@ worker threads: templates, tokenizing and grammar compiles take milliseconds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from .grammar import Constraint, GrammarCompiler, json_grammar
 from .protocol import Generation
 from .tokenizer import Tokenizer
@@ -25,11 +27,17 @@ class RequestPreparer:
             return op.prompt_ids
         if gen.messages is None:
             return self.tokenizer.encode(op.prompt or "", add_special_tokens=True)
+        # Control tokens come from the template alone: special-token text in the caller's
+        # messages and tools is held aside while rendering and encoded as plain text.
+        literals: list[str] = []
+        messages = self.tokenizer.shield(gen.messages, literals)
         if gen.tools or uses_tools(gen.messages):
-            text = self.tool_format.render(self.tokenizer, gen.messages, gen.tools or [])
+            tools = [dataclasses.replace(t, description=self.tokenizer.shield(t.description, literals),
+                                         parameters=self.tokenizer.shield(dict(t.parameters), literals)) for t in gen.tools or []]
+            text = self.tool_format.render(self.tokenizer, messages, tools)
         else:
-            text = self.tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode_rendered(text, literals)
 
     def constraint(self, gen: Generation) -> tuple[Constraint | None, ToolCallParser | None]:
         """The grammar state of a new sequence (None without a grammar) and, for tool calls, the

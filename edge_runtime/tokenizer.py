@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import pathlib
-from typing import Any
+import re
+import threading
+from typing import Any, TypeVar
 
 import tokenizers
 
@@ -28,6 +30,10 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 END_OF_GENERATION_TEXTS = frozenset(
     {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>"}
 )
+# Placeholders (private-use characters) for special-token text found in message content: see shield().
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -122,6 +128,12 @@ class Tokenizer:
         self._backend = backend
         self.info = info or _bare_tokenizer_info(backend)
         self.special_tokens_of = special_tokens or {}
+        specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special}, key=len, reverse=True)
+        # Longest first, so that a token containing another is taken whole; our own marker
+        # character too, so that a user cannot forge a placeholder.
+        self._special_text = re.compile("|".join(map(re.escape, [*specials, _MARK_OPEN])))
+        self._plain_backend: tokenizers.Tokenizer | None = None
+        self._plain_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, directory: pathlib.Path) -> Tokenizer:
@@ -167,6 +179,53 @@ class Tokenizer:
         """Token ids of `text`, with the BOS first when the model wants one (`add_bos_token`) and
         `add_special_tokens` is set; special tokens written in the text (like `<|im_start|>`) become their ids."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def shield(self, value: T, literals: list[str]) -> T:
+        """`value` (message dicts, lists, strings) with the text of every special token in its
+        strings replaced by a placeholder, the text itself appended to `literals`: rendered by the
+        template, then encoded by encode_rendered, it stays text and never becomes a control token.
+        Placeholders, not escapes: the template still sees the content (trims, tests on it)
+        otherwise unchanged, and the model still reads what the user typed."""
+        if isinstance(value, str):
+            def mark(match: re.Match[str]) -> str:
+                literals.append(match.group())
+                return f"{_MARK_OPEN}{len(literals) - 1}{_MARK_CLOSE}"
+
+            return self._special_text.sub(mark, value)  # type: ignore[return-value]
+        if isinstance(value, list):
+            return [self.shield(v, literals) for v in value]  # type: ignore[return-value]
+        if isinstance(value, dict):
+            return {k: self.shield(v, literals) for k, v in value.items()}  # type: ignore[return-value]
+        return value
+
+    def encode_rendered(self, text: str, literals: list[str]) -> list[int]:
+        """Token ids of a template's output whose content went through shield(): the template's
+        own text with its special tokens parsed, each placeholder's text as plain text. Without
+        placeholders it is exactly encode(text, add_special_tokens=False)."""
+        if not literals:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        start = 0
+        for match in _MARK.finditer(text):
+            index = int(match.group(1))
+            if index >= len(literals):
+                continue  # cannot be ours: every marker character in the content was replaced
+            if match.start() > start:
+                ids += self.encode(text[start:match.start()], add_special_tokens=False)
+            ids += self._plain().encode(literals[index], add_special_tokens=False).ids
+            start = match.end()
+        if start < len(text):
+            ids += self.encode(text[start:], add_special_tokens=False)
+        return ids
+
+    def _plain(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads special-token text as ordinary text."""
+        with self._plain_lock:
+            if self._plain_backend is None:
+                plain = tokenizers.Tokenizer.from_str(self._backend.to_str())
+                plain.encode_special_tokens = True
+                self._plain_backend = plain
+            return self._plain_backend
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
