@@ -4,7 +4,6 @@ reads `[engine]`), plus API keys from the environment; a Table of the config con
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from edge_wire.settings import SECRET, Check, ConfigError, FromTable, LogLevel, 
 from .auth.keys import hash_key, is_key_hash
 from .core.ratelimit import Limits
 from .jwt_config import JwtConfig
+from .mqtt.config import is_loopback
 from .safety import policy as safety_policy
 
 API_KEYS_ENV = "EDGE_PROXY_API_KEYS"  # comma-separated plain keys, hashed on load
@@ -69,15 +69,6 @@ class ProxyConfig(Table):
 
     def resolved_engine_socket(self) -> Path:
         return Path(self.engine_socket) if self.engine_socket else default_socket_path()
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
 
 
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> ProxyConfig:

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from mqtt_harness import V311OnlyFront, make_tls_files
+from edge_wire.settings import ConfigError
 from proxy.mqtt import Message, MessageProperties, MqttClient, MqttConfig, OutMessage, QueueFull
 
 TIMEOUT_S = 30.0  # generous: other test suites share this machine's CPUs
@@ -144,6 +145,41 @@ def test_protocol_3_1_1_when_configured_and_last_will_on_a_lost_connection(mosqu
         await watcher.stop()
 
     run(main())
+
+
+def test_an_oversize_publish_never_reaches_the_gateway(mosquitto):
+    """An attacker publishes 10 MB on a gateway's topic: the broker, told the gateway's
+    MaximumPacketSize at CONNECT, drops it instead of sending it; the gateway stays connected
+    and reads the next message. A client that allows 16 MiB gets it (the attack is real)."""
+    big, topic = b"x" * (10 << 20), "edge/gw-1/infer/request/dev-1"
+
+    async def main():
+        gateway = MqttClient(config(mosquitto.url), "gw-1")  # the default limit
+        lenient = MqttClient(config(mosquitto.url, max_packet_bytes=16 << 20), "lenient")
+        attacker = MqttClient(config(mosquitto.url), "attacker")
+        for client in (gateway, lenient, attacker):
+            await client.start()
+            assert await client.wait_connected(10)
+        seen: list[int] = []
+        lenient_seen: list[int] = []
+        await gateway.subscribe("edge/gw-1/#", lambda m: seen.append(len(m.payload)), qos=1)
+        await lenient.subscribe("edge/gw-1/#", lambda m: lenient_seen.append(len(m.payload)), qos=1)
+        await attacker.publish(topic, big, qos=1)
+        await attacker.publish(topic, b"small", qos=1)
+        await until(lambda: seen == [5] and lenient_seen == [len(big), 5])
+        assert gateway.connected
+        for client in (gateway, lenient, attacker):
+            await client.stop()
+
+    run(main())
+
+
+def test_plaintext_to_a_broker_off_loopback_needs_an_explicit_opt_out():
+    with pytest.raises(ConfigError, match=r"^url: mqtt://broker.example.net is not encrypted .* set allow_plaintext = true"):
+        MqttConfig(url="mqtt://broker.example.net")
+    assert MqttConfig(url="mqtt://broker.example.net", allow_plaintext=True).address.tls is False
+    for url in ("mqtt://127.0.0.1", "mqtt://[::1]:1884", "mqtt://localhost", "mqtts://broker.example.net"):
+        MqttConfig(url=url)
 
 
 def test_tls(mqtt_broker, tmp_path):

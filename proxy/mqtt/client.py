@@ -380,6 +380,9 @@ class MqttClient:
         host, port, keepalive = self._address.host, self._address.port, self.config.keepalive_s
         if self._protocol == "5":
             props = Properties(PacketTypes.CONNECT)
+            # The broker must not send us more than this: an oversize publish is dropped there,
+            # never read into memory here (paho would take up to 256 MiB).
+            props.MaximumPacketSize = self.config.max_packet_bytes
             if self.config.session_expiry_s:
                 props.SessionExpiryInterval = self.config.session_expiry_s
             client.connect(host, port, keepalive, clean_start=self.config.session_expiry_s == 0, properties=props)

@@ -3,6 +3,7 @@ credentials overridable from the environment (systemd's EnvironmentFile=)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,20 @@ def _url(key: str, value: str) -> None:
 def _client_id(key: str, value: str) -> None:
     if not 1 <= len(value.encode()) <= 128 or any(c in value for c in "+#/"):
         raise ConfigError(f"{key}: must be 1 to 128 bytes without + # or /, got {value!r}")
+
+
+# The largest payload a part accepts is 1 MiB ([proxy] max_body_bytes, offloaded prompts); the
+# rest is headroom for the envelope and properties.
+DEFAULT_MAX_PACKET = 2 << 20
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,13 @@ class MqttConfig(Table):
         description="mutual TLS: client certificate ...", examples=["/etc/edge-runtime/gateway.pem"])] = None
     key_file: Annotated[Text | None, Meta(description="... and its key", examples=["/etc/edge-runtime/gateway.key"])] = None
     tls_insecure: Annotated[bool, Meta(description="true skips the host name check (test brokers only)")] = False
+    allow_plaintext: Annotated[bool, Meta(
+        description="true allows mqtt:// (no TLS) to a broker off loopback: credentials and prompts cross the network "
+                    "in clear (labs only)")] = False
+    max_packet_bytes: Annotated[int, Meta(
+        ge=4096, le=256 << 20,
+        description="MQTT 5 MaximumPacketSize sent at CONNECT: the broker drops larger packets instead of sending them "
+                    "(keep it above the largest payload a part accepts: [devices] max_payload_bytes, offloaded prompts)")] = DEFAULT_MAX_PACKET
     protocol: Annotated[Literal[PROTOCOLS], Meta(
         description='"auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"')] = "auto"  # type: ignore[valid-type]
     keepalive_s: Annotated[int, Meta(ge=1, le=65535, description="a dead gateway is marked offline within about 1.5x this")] = 30
@@ -93,6 +115,9 @@ class MqttConfig(Table):
             raise ConfigError("username: a password needs a username")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ConfigError(f"reconnect_max_s: must be >= reconnect_min_s ({self.reconnect_min_s}), got {self.reconnect_max_s}")
+        if not address.tls and not self.allow_plaintext and not is_loopback(address.host):
+            raise ConfigError(f"url: {self.url} is not encrypted and {address.host} is not loopback; use mqtts:// "
+                              "(TLS, the broker's certificate verified) or set allow_plaintext = true (labs only)")
 
     @property
     def address(self) -> BrokerAddress:
