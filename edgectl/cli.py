@@ -1,7 +1,7 @@
 """`edgectl`: the reference fleet controller. Lists gateways (presence, last telemetry, config
 version), watches telemetry live, pushes a config file (TOML or JSON; signed with an Ed25519
-key when given one) to a gateway or a group and shows what each gateway reported, and makes
-signing keys. `Controller` is the same thing as a library (the tests drive fleet sync with it)."""
+key when given one) to a gateway or a group and shows what each gateway reported, resets a
+gateway's config version (signed), and makes signing keys. `Controller` is the same thing as a library (the tests drive fleet sync with it)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from proxy.mqtt import Message, MqttClient, MqttConfig, Topics, check_name, chec
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_NO_REPORT = 0, 1, 2, 3
 CONNECT_TIMEOUT_S = 10.0
+# A retained version further ahead of our clock than this is not followed (last + 1) by a push:
+# gateways would refuse it; `reset-version` is the way back from it.
+FUTURE_SLACK_MS = 60_000
 
 
 class ControllerError(Exception):
@@ -115,11 +118,14 @@ class Controller:
 
     async def push(
         self, config: dict[str, dict[str, Any]], *, gateway: str | None = None, group: str | None = None,
-        version: int | None = None, key: Ed25519PrivateKey | None = None, wait_s: float = 10.0,
+        version: int | None = None, key: Ed25519PrivateKey | None = None, wait_s: float = 10.0, reset: bool = False,
     ) -> PushResult:
         """Publish a desired config (retained) for `gateway` or `group` and wait up to `wait_s`
         for the reports on it: from the gateway, or from every online member of the group.
-        Without `version`: milliseconds since the epoch, or one above the retained one if higher."""
+        Without `version`: milliseconds since the epoch, or one above the retained one if higher
+        (and not in the future). `reset` (signed only): taken whatever version the gateway has."""
+        if reset and key is None:
+            raise ValueError("a version reset must be signed (--sign-key)")
         if gateway is not None and group is None:
             target, topic, report_filter = gateway, self.topics.desired(gateway), self.topics.reported(gateway)
         elif group is not None and gateway is None:
@@ -141,12 +147,14 @@ class Controller:
         try:
             expected = {gateway} if gateway is not None else await self._online_members(group or "")
             if version is None:
-                current = await self.retained(topic)
+                now_ms = int(time.time() * 1000)
+                current = None if reset else await self.retained(topic)
                 last = current.get("version") if isinstance(current, dict) else None
-                version = max(int(time.time() * 1000), (last + 1) if isinstance(last, int) else 0)
+                follow = isinstance(last, int) and last < now_ms + FUTURE_SLACK_MS
+                version = max(now_ms, last + 1) if follow else now_ms
             if not 1 <= version <= MAX_VERSION:
                 raise ValueError(f"version must be in [1, 2^63-1], got {version}")
-            doc = make_desired(target, version, config, issued_by=_whoami())
+            doc = make_desired(target, version, config, issued_by=_whoami(), reset=reset)
             if key is not None:
                 doc = sign(doc, key)
             pushed.append(version)
@@ -247,6 +255,12 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--version", type=int, help="document version (default: milliseconds since the epoch)")
     push.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign with (edgectl keygen)")
     push.add_argument("--wait", type=float, default=10.0, help="seconds to wait for reports (default 10; 0: do not wait)")
+    reset = sub.add_parser("reset-version", help="push a config file as a signed version reset: taken whatever version the "
+                                                 "gateway has (after a push with a version too high)")
+    reset.add_argument("target", help="a gateway id, or group:NAME")
+    reset.add_argument("file", type=Path, help="the config tables to put in force (the whole desired state of the target)")
+    reset.add_argument("--sign-key", type=Path, required=True, help="Ed25519 private key (PEM) the gateways trust")
+    reset.add_argument("--wait", type=float, default=10.0, help="seconds to wait for reports (default 10; 0: do not wait)")
     show = sub.add_parser("show", help="what a gateway reported, and the desired config it was sent")
     show.add_argument("gateway")
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing desired configs")
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         check_prefix("--prefix", args.prefix)
         data, path = read_config_file(args.config) if args.config else ({}, None)
         mqtt = mqtt_config_from(data, path).with_overrides(url=args.broker)
-        if args.command == "push":
+        if args.command in ("push", "reset-version"):
             args.gateway, args.group = _target(args.target)
         return asyncio.run(_run(args, mqtt))
     except (ConfigError, ControllerError, KeyFileError, ValueError) as exc:
@@ -280,8 +294,9 @@ def _target(text: str) -> tuple[str | None, str | None]:
 
 
 async def _run(args: argparse.Namespace, mqtt: MqttConfig) -> int:
-    key = load_private_key(args.sign_key) if args.command == "push" and args.sign_key else None
-    config = load_config_file(args.file) if args.command == "push" else None
+    pushing = args.command in ("push", "reset-version")
+    key = load_private_key(args.sign_key) if pushing and args.sign_key else None
+    config = load_config_file(args.file) if pushing else None
     async with Controller(mqtt, args.prefix) as ctl:
         if args.command == "list":
             return _print_list(await ctl.gateways(), args.json)
@@ -293,7 +308,8 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig) -> int:
             print(json.dumps({"reported": report, "desired": desired}, indent=2, ensure_ascii=False))
             return EXIT_OK if report or desired else EXIT_NO_REPORT
         assert config is not None
-        result = await ctl.push(config, gateway=args.gateway, group=args.group, version=args.version, key=key, wait_s=args.wait)
+        result = await ctl.push(config, gateway=args.gateway, group=args.group, version=getattr(args, "version", None), key=key,
+                                wait_s=args.wait, reset=args.command == "reset-version")
         return _print_push(result, args.wait)
 
 
@@ -310,7 +326,8 @@ def _print_list(gateways: dict[str, Gateway], as_json: bool) -> int:
         engine = tel.get("engine")
         rows.append((
             gw.id,
-            str(status.get("state", "?")) + (f" ({status['reason']})" if status.get("reason") else ""),
+            str(status.get("state", "?")) + (f" ({status['reason']})" if status.get("reason") else "")
+            + (" UNSIGNED-CONFIG-ALLOWED" if status.get("allow_unsigned") else ""),
             str(status.get("boot", "")),
             _layers(rep.get("applied")) + (" (restart pending)" if rep.get("needs_restart") else ""),
             _age(now - tel["ts"]) if isinstance(tel.get("ts"), (int, float)) else "-",

@@ -38,7 +38,7 @@ def settings(url: str, gateway_id: str = "gw-1", *, role: str = "gateway", offlo
              mqtt: dict | None = None) -> MqttSettings:
     return MqttSettings(
         mqtt=mqtt_config(url, **(mqtt or {})),
-        fleet=FleetConfig(gateway_id=gateway_id, telemetry_period_s=0, **(fleet or {})),
+        fleet=FleetConfig(gateway_id=gateway_id, telemetry_period_s=0, **{"allow_unsigned": True, **(fleet or {})}),
         offload=OffloadConfig(**{"accept_timeout_s": 3.0, "idle_timeout_s": 3.0, **(offload or {})}),
         devices=DevicesConfig(**(devices or {})),
         cloud=CloudConfig(**(cloud or {})),

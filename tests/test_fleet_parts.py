@@ -38,7 +38,7 @@ def test_fleet_config_names_the_key_at_fault(tmp_path):
         ('groups = ["ok", "bad name"]', r"groups\[1\]: must be 1 to 64"),
         ('topic_prefix = "edge/#"', r"topic_prefix: must be levels of"),
         ("telemetry_period_s = 0.01", r"telemetry_period_s: must be 0 \(off\) or >= 0.1"),
-        ("require_signature = true", r"require_signature: needs controller_public_key"),
+        ("enabled = true", r"controller_public_key: required for fleet sync .* or set allow_unsigned = true"),
         ("telemetry_buffer_bytes = 10", r"telemetry_buffer_bytes: must be in \[4096, "),
         ("colour = 1", r"\[fleet\] unknown key 'colour'"),
     ]:
@@ -47,7 +47,7 @@ def test_fleet_config_names_the_key_at_fault(tmp_path):
             load_fleet_config(path)
     path.write_text('[fleet]\ngateway_id = "gw-1"\ncontroller_public_key = "/k.pub"\n')
     config = load_fleet_config(path)
-    assert config.signature_required() and config.resolved_gateway_id() == "gw-1"
+    assert not config.allow_unsigned and config.resolved_gateway_id() == "gw-1"
     assert FleetConfig(gateway_id="x", state_dir=str(tmp_path)).resolved_state_dir() == tmp_path
 
 

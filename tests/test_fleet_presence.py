@@ -28,6 +28,7 @@ reconnect_min_s = 0.1
 reconnect_max_s = 0.5
 [fleet]
 gateway_id = "gw-k"
+allow_unsigned = true
 groups = ["site"]
 state_dir = "{tmp_path / 'state'}"
 telemetry_period_s = 0.2

@@ -28,7 +28,7 @@ async def until(predicate, timeout: float = 20.0) -> None:
 
 def test_broker_restart(mqtt_broker, tmp_path):
     broker = mqtt_broker(persistence=True)
-    fleet = FleetConfig(gateway_id="gw-r", state_dir=str(tmp_path / "state"), telemetry_period_s=0.1)
+    fleet = FleetConfig(gateway_id="gw-r", state_dir=str(tmp_path / "state"), telemetry_period_s=0.1, allow_unsigned=True)
     agent = FleetAgent(fleet, mqtt(broker.url))
     telemetry: list[dict] = []
     statuses: list[dict] = []

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgectl.cli import Controller
 from proxy.fleet import APPLIED, NEEDS_RESTART, FleetAgent, FleetConfig, applied_config, default_tables
+from proxy.fleet.document import make_desired
 from proxy.fleet.signing import generate_keypair, load_private_key, sign
 from proxy.mqtt import MqttConfig
 
@@ -39,6 +42,8 @@ class Sidecar:
 
 
 def agent_for(broker, tmp_path: Path, gateway_id: str = "gw-1", **fleet) -> tuple[FleetAgent, Sidecar]:
+    """Without a controller key, a lab gateway (allow_unsigned)."""
+    fleet.setdefault("allow_unsigned", "controller_public_key" not in fleet)
     config = tmp_path / "config.toml"
     config.write_text(f'[proxy]\nport = 8080\n[fleet]\ngateway_id = "{gateway_id}"\n')
     fleet_config = FleetConfig(gateway_id=gateway_id, state_dir=str(tmp_path / f"state-{gateway_id}"), telemetry_period_s=0, **fleet)
@@ -46,14 +51,21 @@ def agent_for(broker, tmp_path: Path, gateway_id: str = "gw-1", **fleet) -> tupl
     return FleetAgent(fleet_config, mqtt(broker.url), tables=default_tables(config), on_apply=sidecar.on_apply), sidecar
 
 
+def controller_key(tmp_path: Path) -> tuple[Ed25519PrivateKey, str]:
+    """A controller key pair: the private key, and the public key's file for [fleet]."""
+    generate_keypair(tmp_path / "ctl.key", tmp_path / "ctl.pub")
+    return load_private_key(tmp_path / "ctl.key"), str(tmp_path / "ctl.pub")
+
+
 def test_push_is_applied_persisted_and_reported_and_bad_ones_are_refused(mosquitto, tmp_path):
-    agent, sidecar = agent_for(mosquitto, tmp_path)
+    key, public = controller_key(tmp_path)  # signed: proxy.port may be pushed
+    agent, sidecar = agent_for(mosquitto, tmp_path, controller_public_key=public)
 
     async def main():
         await agent.start()
         async with Controller(mqtt(mosquitto.url)) as ctl:
             good = {"proxy": {"rate_limit_requests_per_min": 120, "port": 9000}, "fleet": {"telemetry_period_s": 0.5}}
-            result = await ctl.push(good, gateway="gw-1", version=5)
+            result = await ctl.push(good, gateway="gw-1", version=5, key=key)
             report = result.reports["gw-1"]
             assert result.ok and report["status"] == "applied" and report["applied"] == {"gw-1": 5}
             assert report["results"] == {"proxy.rate_limit_requests_per_min": APPLIED, "proxy.port": NEEDS_RESTART,
@@ -65,7 +77,7 @@ def test_push_is_applied_persisted_and_reported_and_bad_ones_are_refused(mosquit
 
             bad = {"proxy": {"rate_limit_requests_per_min": -1, "port": "http", "colour": "red"},
                    "fleet": {"gateway_id": "someone-else"}, "mqtt": {"url": "mqtt://elsewhere"}}
-            result = await ctl.push(bad, gateway="gw-1", version=6)
+            result = await ctl.push(bad, gateway="gw-1", version=6, key=key)
             report = result.reports["gw-1"]
             assert not result.ok and report["status"] == "rejected"
             assert report["reasons"] == {
@@ -79,11 +91,11 @@ def test_push_is_applied_persisted_and_reported_and_bad_ones_are_refused(mosquit
             assert len(sidecar.calls) == 1  # ... nothing was applied ...
             assert applied_config(agent.fleet) == good  # ... nor written
 
-            replay = await ctl.push({"proxy": {"rate_limit_requests_per_min": 1}}, gateway="gw-1", version=5)
+            replay = await ctl.push({"proxy": {"rate_limit_requests_per_min": 1}}, gateway="gw-1", version=5, key=key)
             assert replay.reports["gw-1"]["reasons"] == {"version": "5 is not newer than the applied version 5 (replayed or out of date)"}
 
             # the next one leaves port out: it goes back to the file's value, which needs a restart no more
-            result = await ctl.push({"proxy": {"rate_limit_requests_per_min": 60}}, gateway="gw-1", version=7)
+            result = await ctl.push({"proxy": {"rate_limit_requests_per_min": 60}}, gateway="gw-1", version=7, key=key)
             report = result.reports["gw-1"]
             assert report["status"] == "applied" and report["needs_restart"] == []
             assert sidecar.calls[-1] == {"proxy.rate_limit_requests_per_min": 60, "proxy.port": 8080}
@@ -127,10 +139,10 @@ def test_group_and_gateway_layers(mosquitto, tmp_path):
 
 
 def test_signatures_are_required_with_a_controller_key(mosquitto, tmp_path):
-    generate_keypair(tmp_path / "ctl.key", tmp_path / "ctl.pub")
+    key, public = controller_key(tmp_path)
     generate_keypair(tmp_path / "rogue.key", tmp_path / "rogue.pub")
-    key, rogue = load_private_key(tmp_path / "ctl.key"), load_private_key(tmp_path / "rogue.key")
-    agent, sidecar = agent_for(mosquitto, tmp_path, controller_public_key=str(tmp_path / "ctl.pub"))
+    rogue = load_private_key(tmp_path / "rogue.key")
+    agent, sidecar = agent_for(mosquitto, tmp_path, controller_public_key=public)
     config = {"proxy": {"rate_limit_requests_per_min": 30}}
 
     async def main():
@@ -156,6 +168,97 @@ def test_signatures_are_required_with_a_controller_key(mosquitto, tmp_path):
         assert sidecar.calls == [{"proxy.rate_limit_requests_per_min": 30}]
 
     run(main())
+
+
+async def publish_and_report(ctl: Controller, doc: dict) -> dict:
+    """Publish `doc` as it is (retained) on its target's desired topic; the gateway's report on it."""
+    waiting = asyncio.get_running_loop().create_future()
+
+    def on_report(message) -> None:
+        report = json.loads(message.payload)
+        if not waiting.done() and report["version"] == doc["version"] and report["ts"] >= sent:
+            waiting.set_result(report)
+
+    ctl.client.subscribe(ctl.topics.reported(doc["target"]), on_report)
+    sent = round(time.time(), 3) - 0.001
+    await ctl.client.publish(ctl.topics.desired(doc["target"]), json.dumps(doc), qos=1, retain=True)
+    try:
+        return await asyncio.wait_for(waiting, 20)
+    finally:
+        ctl.client.unsubscribe(ctl.topics.reported(doc["target"]), on_report)
+
+
+def test_signed_only_keys_need_the_controllers_signature(mosquitto, tmp_path):
+    """A gateway with a controller key that also allows unsigned pushes (a lab in transition):
+    api_keys is set by a signed push only; an unsigned one can neither set it nor, by leaving it
+    out, put the file's value back; the other keys of an unsigned push still apply."""
+    key, public = controller_key(tmp_path)
+    agent, sidecar = agent_for(mosquitto, tmp_path, controller_public_key=public, allow_unsigned=True)
+    evil, rotated = "e" * 64, "b" * 64
+
+    async def main():
+        await agent.start()
+        async with Controller(mqtt(mosquitto.url)) as ctl:
+            unsigned = await ctl.push({"proxy": {"api_keys": [evil], "host": "0.0.0.0", "cache_ttl_s": 9}}, gateway="gw-1", version=1)
+            assert unsigned.reports["gw-1"]["reasons"] == {
+                "proxy.api_keys": "decides who may call the gateway: settable only in a document signed by the controller",
+                "proxy.host": "decides where the gateway listens or what it talks to: settable only in a document signed by the controller"}
+            signed = await ctl.push({"proxy": {"api_keys": [rotated]}}, gateway="gw-1", version=2, key=key)
+            assert signed.ok and signed.reports["gw-1"]["signed"] is True
+            dropping = await ctl.push({"proxy": {"cache_ttl_s": 9}}, gateway="gw-1", version=3)  # api_keys left out
+            assert dropping.reports["gw-1"]["reasons"] == {
+                "proxy.api_keys": "decides who may call the gateway: settable only in a document signed by the controller"}
+            assert (await ctl.push({"proxy": {"api_keys": [rotated], "cache_ttl_s": 9}}, gateway="gw-1", version=4, key=key)).ok
+        await agent.stop()
+        assert agent.sync.config == {"proxy": {"api_keys": [rotated], "cache_ttl_s": 9}}
+        assert [c for c in sidecar.calls if "proxy.api_keys" in c] == [{"proxy.api_keys": [rotated]}]
+
+    run(main())
+
+
+def test_a_pinned_version_is_bounded_and_reset_by_a_signed_reset(mosquitto, tmp_path, capsys):
+    """Versions are issue times: one far ahead of the gateway's clock is refused even signed;
+    one within the skew (a controller with a fast clock) blocks ordinary pushes only until
+    `edgectl reset-version`, which must be signed and cannot be replayed."""
+    from edgectl.cli import main as edgectl
+
+    key, public = controller_key(tmp_path)
+    agent, _ = agent_for(mosquitto, tmp_path, controller_public_key=public, max_clock_skew_s=300)
+    (tmp_path / "reset.toml").write_text("[proxy]\ncache_ttl_s = 42\n")
+    now_ms = int(time.time() * 1000)
+
+    async def main():
+        await agent.start()
+        assert await agent.client.wait_connected(10)
+        async with Controller(mqtt(mosquitto.url)) as ctl:
+            far = await ctl.push({"proxy": {"cache_ttl_s": 1}}, gateway="gw-1", version=9007199254740991, key=key)
+            assert "ahead of this gateway's clock" in far.reports["gw-1"]["reasons"]["version"]
+            ahead = await ctl.push({"proxy": {"cache_ttl_s": 2}}, gateway="gw-1", version=now_ms + 200_000, key=key)
+            assert ahead.ok
+            stuck = await ctl.push({"proxy": {"cache_ttl_s": 3}}, gateway="gw-1", version=now_ms + 1000, key=key)
+            assert "not newer" in stuck.reports["gw-1"]["reasons"]["version"]
+            unsigned_reset = await publish_and_report(ctl, {**make_desired("gw-1", now_ms, {}, reset=True)})
+            assert unsigned_reset["reasons"] == {"signature": "missing (a signed document is required)"}
+            stale = sign(make_desired("gw-1", now_ms, {}, reset=True), key)
+            stale["issued_at"] -= 3600
+            stale = sign(stale, key)
+            assert "within max_clock_skew_s" in (await publish_and_report(ctl, stale))["reasons"]["issued_at"]
+
+            loop = asyncio.get_running_loop()
+            code = await loop.run_in_executor(None, edgectl, ["--broker", mosquitto.url, "reset-version", "gw-1", str(tmp_path / "reset.toml"),
+                                                              "--sign-key", str(tmp_path / "ctl.key")])
+            assert code == 0 and agent.sync.config == {"proxy": {"cache_ttl_s": 42}}
+            reset_doc = await ctl.retained(ctl.topics.desired("gw-1"))
+            assert reset_doc["reset"] is True and reset_doc["version"] < now_ms + 200_000
+            normal = await ctl.push({"proxy": {"cache_ttl_s": 4}}, gateway="gw-1", key=key)  # ordinary pushes work again
+            assert normal.ok and agent.sync.config == {"proxy": {"cache_ttl_s": 4}}
+            replayed = await publish_and_report(ctl, reset_doc)  # the reset, captured and sent again
+            assert "not after the last reset" in replayed["reasons"]["issued_at"]
+            assert agent.sync.config == {"proxy": {"cache_ttl_s": 4}}
+        await agent.stop()
+
+    run(main())
+    assert "pushed version" in capsys.readouterr().out
 
 
 def test_an_old_document_replayed_verbatim_is_refused(mosquitto, tmp_path):

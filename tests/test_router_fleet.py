@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import msgpack
@@ -17,7 +18,9 @@ from gateway_harness import Gateway, mqtt_config, post
 
 from edgectl.cli import Controller
 from proxy import main as proxy_main
+from proxy.auth.keys import hash_key
 from proxy.fleet import APPLIED, NEEDS_RESTART
+from proxy.fleet.signing import generate_keypair, load_private_key
 from proxy.mqtt import MqttClient
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -34,10 +37,12 @@ def engine(tiny_model_dir):
 
 
 def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquitto, engine, tmp_path):
+    generate_keypair(tmp_path / "ctl.key", tmp_path / "ctl.pub")  # signed: proxy.port may be pushed
+    key = load_private_key(tmp_path / "ctl.key")
     path = tmp_path / "config.toml"
     path.write_text(f'[proxy]\nengine_socket = "{engine.socket_path}"\nmodel_aliases = ["tiny"]\n'
                     f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive_s = 5\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n'
-                    f'[fleet]\nenabled = true\ngateway_id = "gw-fleet"\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'[fleet]\nenabled = true\ncontroller_public_key = "{tmp_path / "ctl.pub"}"\ngateway_id = "gw-fleet"\nstate_dir = "{tmp_path / "state"}"\n'
                     f'telemetry_period_s = 0.2\n')
     args = proxy_main._parser().parse_args(["--config", str(path)])
     config, settings = proxy_main.load(args)
@@ -49,11 +54,11 @@ def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquit
 
         async def push():
             async with Controller(mqtt_config(mosquitto.url)) as ctl:
-                refused = await ctl.push({"devices": {"reply_prefix": "elsewhere"}}, gateway="gw-fleet", version=1)
+                refused = await ctl.push({"devices": {"reply_prefix": "elsewhere"}}, gateway="gw-fleet", version=1, key=key)
                 pushed = await ctl.push({"proxy": {"rate_limit_requests_per_min": 1, "port": 9999, "cache_ttl_s": 5},
                                          "offload": {"max_wait_s": 2.5, "breaker_failures": 7},
                                          "devices": {"default_max_tokens": 4, "rate_limit_requests_per_min": 10}},
-                                        gateway="gw-fleet", version=2)
+                                        gateway="gw-fleet", version=2, key=key)
                 return refused, pushed
 
         refused, pushed = run(push())
@@ -93,6 +98,61 @@ def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquit
     config, settings = proxy_main.load(args)
     assert (config.rate_limit_requests_per_min, config.port, config.cache_ttl_s) == (1, 9999, 5)
     assert (settings.offload.max_wait_s, settings.devices.default_max_tokens) == (2.5, 4)
+
+
+async def attacker_push(url: str, gateway: str, doc: dict) -> dict:
+    """The attacker's side: a plain client that may publish to the broker sends `doc` (retained,
+    unsigned) to the gateway's desired topic and reads the gateway's report on it."""
+    client = MqttClient(mqtt_config(url), "attacker")
+    reports: asyncio.Queue = asyncio.Queue()
+    client.subscribe(f"edge/{gateway}/config/reported", reports.put_nowait, qos=1)
+    await client.start()
+    try:
+        await client.publish(f"edge/{gateway}/config/desired", json.dumps(doc).encode(), qos=1, retain=True)
+        while True:
+            report = json.loads((await asyncio.wait_for(reports.get(), 20)).payload)
+            if report.get("version") == doc["version"]:
+                return report
+    finally:
+        await client.stop()
+
+
+def test_an_attacker_cannot_push_api_keys_nor_pin_the_version_of_a_lab_gateway(mosquitto, engine, tmp_path):
+    """The weakest setting (allow_unsigned, no controller key): an unsigned push of the
+    attacker's key hash (with a tiny rate limit) is refused whole, the old key still works, at
+    once and after a restart; a push pinning the version at 2^53-1 is refused, and the
+    controller's next push is applied."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[proxy]\nengine_socket = "{engine.socket_path}"\nmodel_aliases = ["tiny"]\napi_keys = ["{hash_key("sk-old")}"]\n'
+                    f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive_s = 5\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n'
+                    f'[fleet]\nenabled = true\nallow_unsigned = true\ngateway_id = "gw-lab"\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'telemetry_period_s = 0\n')
+    args = proxy_main._parser().parse_args(["--config", str(path)])
+    old, evil = {"Authorization": "Bearer sk-old"}, {"Authorization": "Bearer sk-evil"}
+    now_ms = int(time.time() * 1000)
+    with Gateway(*proxy_main.load(args)) as gw:
+        report = run(attacker_push(mosquitto.url, "gw-lab", {
+            "version": now_ms, "target": "gw-lab",
+            "config": {"proxy": {"api_keys": [hash_key("sk-evil")], "rate_limit_requests_per_min": 2}}}))
+        assert report["status"] == "rejected" and report["signed"] is False and report["allow_unsigned"] is True
+        assert report["reasons"] == {"proxy.api_keys": "decides who may call the gateway: settable only in a document signed by the controller"}
+        assert [run(post(f"{gw.url}/v1/chat/completions", BODY, headers=old))[0] for _ in range(3)] == [200] * 3  # no 429 either
+        assert run(post(f"{gw.url}/v1/chat/completions", BODY, headers=evil))[0] == 401
+
+        pinned = run(attacker_push(mosquitto.url, "gw-lab", {"version": 9007199254740991, "target": "gw-lab",
+                                                             "config": {"proxy": {"cache_ttl_s": 1}}}))
+        assert pinned["status"] == "rejected" and "ahead of this gateway's clock" in pinned["reasons"]["version"]
+        reset = run(attacker_push(mosquitto.url, "gw-lab", {"version": now_ms + 1, "target": "gw-lab", "reset": True,
+                                                            "issued_at": time.time(), "config": {}}))
+        assert reset["reasons"] == {"reset": "a version reset must be signed by the controller"}
+
+        async def controller():
+            async with Controller(mqtt_config(mosquitto.url)) as ctl:
+                return await ctl.push({"proxy": {"cache_ttl_s": 7}}, gateway="gw-lab")
+
+        assert run(controller()).ok and gw.sidecar.service.cache.ttl_s == 7
+    config, _ = proxy_main.load(args)  # the next start
+    assert config.api_keys == (hash_key("sk-old"),) and config.rate_limit_requests_per_min == 0
 
 
 def test_flags_give_a_gateway_its_broker_and_id_without_a_file(mosquitto):

@@ -60,6 +60,7 @@ class FleetAgent:
         counters: CountersSource | None = None,
         engine_status: EngineStatusSource | None = None,
     ) -> None:
+        fleet.check_trust()  # no controller key: refused unless unsigned pushes are allowed explicitly
         self.fleet = fleet
         self.gateway_id = fleet.resolved_gateway_id()
         self.state_dir = fleet.resolved_state_dir()
@@ -82,7 +83,7 @@ class FleetAgent:
         self.boot = next_boot(self.state_dir)
         self.sync = ConfigSync(
             gateway_id=self.gateway_id, targets=targets_of(self.fleet), state_dir=self.state_dir, tables=self.tables, public_key=self.public_key,
-            require_signature=self.fleet.signature_required(), apply_own=self._apply_fleet_keys,
+            allow_unsigned=self.fleet.allow_unsigned, max_clock_skew_s=self.fleet.max_clock_skew_s, apply_own=self._apply_fleet_keys,
             on_apply=self.on_apply, boot=self.boot,
         )
         fleet = self._in_force()
@@ -100,6 +101,10 @@ class FleetAgent:
         self.client.subscribe(self.topics.desired(self.gateway_id), self._on_desired(self.gateway_id), qos=1)
         for group in self.fleet.groups:
             self.client.subscribe(self.topics.group_desired(group), self._on_desired(group_target(group)), qos=1)
+        if self.fleet.allow_unsigned:  # every start: an operator reading the log sees it
+            log.warning("fleet sync accepts unsigned desired config (allow_unsigned = true): anyone who may publish to "
+                        "the broker can change this gateway's config; set controller_public_key outside labs",
+                        extra={"gateway": self.gateway_id, "controller_key": bool(self.public_key)})
         await self.client.start()
         self.telemetry.start()
         log.info("fleet agent started", extra={"gateway": self.gateway_id, "boot": self.boot, "groups": list(self.fleet.groups),
@@ -136,12 +141,12 @@ class FleetAgent:
     # -- internals --------------------------------------------------------------------------
 
     def _status(self, state: str, reason: str | None = None) -> OutMessage:
-        payload = status_payload(state, self.gateway_id, self.boot, self.fleet.groups, reason)
+        payload = status_payload(state, self.gateway_id, self.boot, self.fleet.groups, reason, allow_unsigned=self.fleet.allow_unsigned)
         return OutMessage(self.topics.status(self.gateway_id), payload, qos=1, retain=True)
 
     def _envelope(self) -> dict[str, Any]:
         return {"v": 1, "gateway": self.gateway_id, "boot": self.boot,
-                "fleet": {"config_versions": self.config_versions}}
+                "fleet": {"config_versions": self.config_versions, "allow_unsigned": self.fleet.allow_unsigned}}
 
     async def _on_connect(self) -> None:
         online = self._status("online")

@@ -46,14 +46,27 @@ class FleetConfig(Table):
         description="default: $STATE_DIRECTORY/fleet under systemd, else ~/.local/state/edge-runtime/fleet",
         examples=["/var/lib/edge-proxy/fleet"])] = None
     controller_public_key: Annotated[Text | None, Meta(
-        description="Ed25519 PEM file (edgectl keygen): pushes must be signed", examples=["/etc/edge-runtime/controller.pub"])] = None
-    require_signature: Annotated[bool | None, Meta(
-        description="default: true exactly when controller_public_key is set", examples=[True])] = None
+        description="Ed25519 PEM file (edgectl keygen): pushes must be signed with its private key; "
+                    "fleet sync refuses to start without it unless allow_unsigned = true",
+        examples=["/etc/edge-runtime/controller.pub"])] = None
+    allow_unsigned: Annotated[bool, Meta(
+        description="accept unsigned pushes (labs only: anyone who may publish to the broker can change the config); "
+                    "keys that decide who may call the gateway or where it listens still need a signature")] = False
+    max_clock_skew_s: Annotated[float, Meta(
+        ge=1, le=7 * 86400,
+        description="a pushed version (milliseconds since the epoch) may be at most this far ahead of the gateway's "
+                    "clock, and a version reset must be issued within it")] = 300.0
 
     def check(self) -> None:
-        if self.require_signature and not self.controller_public_key:
-            raise ConfigError("require_signature: needs controller_public_key")
+        if self.enabled:
+            self.check_trust()
         self.resolved_gateway_id()
+
+    def check_trust(self) -> None:
+        """Fleet sync needs a controller key, or an explicit opt-out."""
+        if not self.controller_public_key and not self.allow_unsigned:
+            raise ConfigError("controller_public_key: required for fleet sync (edgectl keygen makes one); "
+                              "or set allow_unsigned = true to accept unsigned pushes (labs only)")
 
     def resolved_gateway_id(self) -> str:
         if self.gateway_id is not None:
@@ -72,9 +85,6 @@ class FleetConfig(Table):
             return Path(systemd_dir.split(":")[0]) / "fleet"
         xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         return Path(xdg) / "edge-runtime" / "fleet"
-
-    def signature_required(self) -> bool:
-        return bool(self.controller_public_key) if self.require_signature is None else self.require_signature
 
 
 def load_fleet_config(path: Path | None = None) -> FleetConfig:

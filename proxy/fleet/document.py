@@ -1,11 +1,13 @@
 """Desired-config documents: their shape, and decoding them (and other fleet payloads) from MQTT.
 
-    {"version": 7,                      # integer >= 1; each accepted one must be newer than the last
+    {"version": 1767225600000,          # the issue time in ms since the epoch (any integer >= 1 not ahead of
+                                        # the gateway's clock by more than its skew); newer than the last
      "target": "gw-12" | "group:lab",   # whom it is for: a document is valid on its own topic only
      "config": {"proxy": {"rate_limit_requests_per_min": 120}, "fleet": {"telemetry_period_s": 5}},
      "issued_at": 1767225600.0,         # optional: when, and (optional) by whom
      "issued_by": "ops@laptop",
-     "signature": "base64..."}          # optional, or required (signing.py)
+     "reset": true,                     # optional: taken whatever the applied version (signed, fresh: sync.py)
+     "signature": "base64..."}          # required unless the gateway allows unsigned pushes (signing.py)
 
 `config` holds the tables of config.toml a controller manages; each document is the whole
 desired state: a key it leaves out goes back to the gateway's own file (or default)."""
@@ -23,7 +25,7 @@ from .signing import SIGNATURE_FIELD, canonical_bytes
 MAX_DOCUMENT_BYTES = 256 << 10
 MAX_VERSION = (1 << 63) - 1
 GROUP_PREFIX = "group:"
-_FIELDS = ("version", "target", "config", "issued_at", "issued_by", SIGNATURE_FIELD)
+_FIELDS = ("version", "target", "config", "issued_at", "issued_by", "reset", SIGNATURE_FIELD)
 
 
 class DocumentError(Exception):
@@ -71,6 +73,8 @@ def parse_desired(payload: bytes, expected_target: str) -> dict[str, Any]:
         reasons["issued_at"] = "must be a number (seconds since the epoch)"
     if "issued_by" in doc and not isinstance(doc["issued_by"], str):
         reasons["issued_by"] = "must be a string"
+    if "reset" in doc and doc["reset"] is not True:
+        reasons["reset"] = "must be true when present (a signed version reset)"
     if SIGNATURE_FIELD in doc and not isinstance(doc[SIGNATURE_FIELD], str):
         reasons[SIGNATURE_FIELD] = "must be a base64 string"
     try:
@@ -82,10 +86,13 @@ def parse_desired(payload: bytes, expected_target: str) -> dict[str, Any]:
     return doc
 
 
-def make_desired(target: str, version: int, config: dict[str, dict[str, Any]], issued_by: str | None = None) -> dict[str, Any]:
+def make_desired(target: str, version: int, config: dict[str, dict[str, Any]], issued_by: str | None = None,
+                 reset: bool = False) -> dict[str, Any]:
     doc: dict[str, Any] = {"version": version, "target": target, "config": config, "issued_at": round(time.time(), 3)}
     if issued_by:
         doc["issued_by"] = issued_by
+    if reset:
+        doc["reset"] = True
     return doc
 
 

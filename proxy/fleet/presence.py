@@ -27,11 +27,13 @@ def next_boot(state_dir: Path) -> int:
     return boot
 
 
-def status_payload(state: str, gateway_id: str, boot: int, groups: tuple[str, ...], reason: str | None = None) -> bytes:
-    """JSON: {"state": "online"|"offline", "gateway", "boot", "groups", "version", "ts"[, "reason"]}.
+def status_payload(state: str, gateway_id: str, boot: int, groups: tuple[str, ...], reason: str | None = None, *,
+                   allow_unsigned: bool) -> bytes:
+    """JSON: {"state": "online"|"offline", "gateway", "boot", "groups", "version", "allow_unsigned", "ts"[, "reason"]}.
+    `allow_unsigned`: the gateway takes unsigned desired config (the controller shows it).
     The Last Will's `ts` is the connect time (the broker sends it as it was set)."""
     doc = {"state": state, "gateway": gateway_id, "boot": boot, "groups": list(groups), "version": __version__,
-           "ts": round(time.time(), 3)}
+           "allow_unsigned": allow_unsigned, "ts": round(time.time(), 3)}
     if reason is not None:
         doc["reason"] = reason
     return json.dumps(doc, separators=(",", ":")).encode()

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from edge_wire.settings import ConfigError, Table, read_config_file, table_keys
+from edge_wire.settings import SECRET, ConfigError, Table, hints, read_config_file, split, table_keys
 
 from .config import load_fleet_config
 from .document import flatten
@@ -24,7 +24,8 @@ FLEET_LOCKED = {
     "topic_prefix": "set locally (a push could move the gateway out of its controller's reach)",
     "state_dir": "set locally",
     "controller_public_key": "trust anchors are set locally",
-    "require_signature": "trust anchors are set locally",
+    "allow_unsigned": "trust anchors are set locally",
+    "max_clock_skew_s": "trust anchors are set locally (it bounds how far a pushed version may jump)",
 }
 UNMANAGED = {
     "mqtt": "broker settings are set locally (a wrong push would cut the gateway off)",
@@ -34,6 +35,13 @@ UNMANAGED = {
 }
 # [devices] keys that stay local: the reply prefix bounds where devices can make the gateway publish.
 DEVICES_LOCKED = {"reply_prefix": "set locally (it bounds where devices can make the gateway publish)"}
+# Keys a push may set only when signed by the controller: they decide who may call the gateway or
+# where it listens. Fields marked SECRET in any table are signed-only too (see managed()).
+_WHO = "decides who may call the gateway"
+_WHERE = "decides where the gateway listens or what it talks to"
+PROXY_SIGNED_ONLY = {"api_keys": _WHO, "jwt": _WHO, "host": _WHERE, "port": _WHERE, "engine_socket": _WHERE}
+DEVICES_SIGNED_ONLY = {"enabled": _WHO}
+SIGNED_ONLY_REASON = "{why}: settable only in a document signed by the controller"
 MAX_REASON_CHARS = 300
 
 
@@ -42,6 +50,7 @@ class ManagedTable:
     config: Table  # the table as the local file gives it: pushed values are checked as changes to it
     running: Mapping[str, Any]  # its keys' values, defaults filled in
     locked: Mapping[str, str] = field(default_factory=dict)  # key -> why a controller may not set it
+    signed_only: Mapping[str, str] = field(default_factory=dict)  # key -> why only a signed document may set it
 
 
 def fleet_table(fleet: Any) -> ManagedTable:
@@ -49,10 +58,12 @@ def fleet_table(fleet: Any) -> ManagedTable:
     return managed(fleet, FLEET_LOCKED)
 
 
-def managed(config: Table, locked: Mapping[str, str] | None = None) -> ManagedTable:
-    """A table managed through `config`, as loaded from the file (ProxyConfig, OffloadConfig, ...)."""
+def managed(config: Table, locked: Mapping[str, str] | None = None, signed_only: Mapping[str, str] | None = None) -> ManagedTable:
+    """A table managed through `config`, as loaded from the file (ProxyConfig, OffloadConfig, ...);
+    its SECRET fields are signed-only besides `signed_only`."""
     running = {key: getattr(config, key) for key in table_keys(type(config))}
-    return ManagedTable(config, running, dict(locked or {}))
+    secrets = {name: "a secret" for name, tp in hints(type(config)).items() if SECRET in split(tp)[1] and name in running}
+    return ManagedTable(config, running, dict(locked or {}), {**secrets, **(signed_only or {})})
 
 
 def default_tables(path: Path | None = None) -> dict[str, ManagedTable]:
@@ -61,16 +72,18 @@ def default_tables(path: Path | None = None) -> dict[str, ManagedTable]:
     from ..offload.config import devices_config_from, offload_config_from
 
     data, found = read_config_file(path)
-    return {"proxy": managed(load_proxy_config(path)), "fleet": fleet_table(load_fleet_config(path)),
+    return {"proxy": managed(load_proxy_config(path), signed_only=PROXY_SIGNED_ONLY), "fleet": fleet_table(load_fleet_config(path)),
             "offload": managed(offload_config_from(data, found)),
-            "devices": managed(devices_config_from(data, found), DEVICES_LOCKED)}
+            "devices": managed(devices_config_from(data, found), DEVICES_LOCKED, DEVICES_SIGNED_ONLY)}
 
 
 def validate(config: dict[str, dict[str, Any]], tables: Mapping[str, ManagedTable],
-             in_force: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+             in_force: dict[str, dict[str, Any]] | None = None, *, signed: bool = True) -> dict[str, str]:
     """Reasons by `table.key` (or by table) for everything in `config` that may not be applied.
     Each key is checked alone, then each table as it would be in force (`in_force`: the merged
-    layers with `config` among them; default `config` itself), for rules that tie keys together."""
+    layers with `config` among them; default `config` itself), for rules that tie keys together.
+    `signed`: whether the document carries the controller's verified signature (the caller
+    checked it); without one, signed-only keys are refused."""
     in_force = config if in_force is None else in_force
     reasons: dict[str, str] = {}
     for name, values in config.items():
@@ -84,6 +97,8 @@ def validate(config: dict[str, dict[str, Any]], tables: Mapping[str, ManagedTabl
                 table_reasons[f"{name}.{key}"] = "unknown key"
             elif key in spec.locked:
                 table_reasons[f"{name}.{key}"] = spec.locked[key]
+            elif key in spec.signed_only and not signed:
+                table_reasons[f"{name}.{key}"] = SIGNED_ONLY_REASON.format(why=spec.signed_only[key])
             else:
                 error = _check(spec, {key: value})
                 if error is not None and error.startswith(f"{key}:"):  # not a rule tying it to keys set below
