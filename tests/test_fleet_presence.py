@@ -42,6 +42,15 @@ engine_socket = "{tmp_path / 'no-engine.sock'}"
         log.close()
 
 
+def test_fleet_sync_refuses_to_start_without_a_controller_key(tmp_path):
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[fleet]\ngateway_id = "gw-k"\nstate_dir = "{tmp_path / "state"}"\n')
+    done = subprocess.run([sys.executable, "-m", "proxy.fleet", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "controller_public_key: required for fleet sync" in done.stderr and "allow_unsigned = true" in done.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything ran
+
+
 def test_presence_will_and_telemetry_of_a_gateway_process(mosquitto, tmp_path):
     statuses: asyncio.Queue[dict] = asyncio.Queue()
     telemetry: list[dict] = []
@@ -64,7 +73,7 @@ def test_presence_will_and_telemetry_of_a_gateway_process(mosquitto, tmp_path):
         gateway = start_gateway(mosquitto, tmp_path)
         try:
             online = await next_status("online")
-            assert (online["boot"], online["groups"]) == (1, ["site"])
+            assert (online["boot"], online["groups"], online["allow_unsigned"]) == (1, ["site"], True)  # the controller sees it
             while len(telemetry) < 2:
                 await asyncio.sleep(0.05)
             gateway.send_signal(signal.SIGKILL)  # no goodbye: the broker speaks its Last Will
@@ -89,6 +98,6 @@ def test_presence_will_and_telemetry_of_a_gateway_process(mosquitto, tmp_path):
     assert (first["gateway"], first["boot"], first["v"]) == ("gw-k", 1, 1)
     assert first["engine"] == {"up": False}  # no engine on that socket
     assert first["host"]["mem_total"] > 0 and "cpu_percent" in first["host"]
-    assert first["fleet"]["dropped"] == 0
+    assert first["fleet"]["dropped"] == 0 and first["fleet"]["allow_unsigned"] is True
     seqs = [t["seq"] for t in telemetry if t["boot"] == 1]
     assert seqs == sorted(seqs)

@@ -188,7 +188,7 @@ async def publish_and_report(ctl: Controller, doc: dict) -> dict:
         ctl.client.unsubscribe(ctl.topics.reported(doc["target"]), on_report)
 
 
-def test_signed_only_keys_need_the_controllers_signature(mosquitto, tmp_path):
+def test_signed_only_keys_need_the_controllers_signature(mosquitto, tmp_path, caplog):
     """A gateway with a controller key that also allows unsigned pushes (a lab in transition):
     api_keys is set by a signed push only; an unsigned one can neither set it nor, by leaving it
     out, put the file's value back; the other keys of an unsigned push still apply."""
@@ -212,6 +212,8 @@ def test_signed_only_keys_need_the_controllers_signature(mosquitto, tmp_path):
         await agent.stop()
         assert agent.sync.config == {"proxy": {"api_keys": [rotated], "cache_ttl_s": 9}}
         assert [c for c in sidecar.calls if "proxy.api_keys" in c] == [{"proxy.api_keys": [rotated]}]
+        assert any(r.levelname == "WARNING" and "accepts unsigned desired config" in r.getMessage() for r in caplog.records)
+        assert evil not in caplog.text and rotated not in caplog.text  # key hashes are not logged
 
     run(main())
 
