@@ -36,15 +36,20 @@ def engine(tiny_model_dir):
         yield e
 
 
+def gateway_args(tmp_path: Path, engine: Engine, broker, proxy: str, fleet: str):
+    """The sidecar's command line for a config file with these extra [proxy] and [fleet] lines."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[proxy]\nengine_socket = "{engine.socket_path}"\nmodel_aliases = ["tiny"]\n{proxy}\n'
+                    f'[mqtt]\nurl = "{broker.url}"\nkeepalive_s = 5\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n'
+                    f'[fleet]\nenabled = true\nstate_dir = "{tmp_path / "state"}"\n{fleet}\n')
+    return proxy_main._parser().parse_args(["--config", str(path)])
+
+
 def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquitto, engine, tmp_path):
     generate_keypair(tmp_path / "ctl.key", tmp_path / "ctl.pub")  # signed: proxy.port may be pushed
     key = load_private_key(tmp_path / "ctl.key")
-    path = tmp_path / "config.toml"
-    path.write_text(f'[proxy]\nengine_socket = "{engine.socket_path}"\nmodel_aliases = ["tiny"]\n'
-                    f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive_s = 5\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n'
-                    f'[fleet]\nenabled = true\ncontroller_public_key = "{tmp_path / "ctl.pub"}"\ngateway_id = "gw-fleet"\nstate_dir = "{tmp_path / "state"}"\n'
-                    f'telemetry_period_s = 0.2\n')
-    args = proxy_main._parser().parse_args(["--config", str(path)])
+    args = gateway_args(tmp_path, engine, mosquitto, "", f'controller_public_key = "{tmp_path / "ctl.pub"}"\ngateway_id = "gw-fleet"\n'
+                                                       'telemetry_period_s = 0.2')
     config, settings = proxy_main.load(args)
     assert settings.mqtt is not None and settings.fleet.enabled and config.rate_limit_requests_per_min == 0
 
@@ -122,12 +127,8 @@ def test_an_attacker_cannot_push_api_keys_nor_pin_the_version_of_a_lab_gateway(m
     attacker's key hash (with a tiny rate limit) is refused whole, the old key still works, at
     once and after a restart; a push pinning the version at 2^53-1 is refused, and the
     controller's next push is applied."""
-    path = tmp_path / "config.toml"
-    path.write_text(f'[proxy]\nengine_socket = "{engine.socket_path}"\nmodel_aliases = ["tiny"]\napi_keys = ["{hash_key("sk-old")}"]\n'
-                    f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive_s = 5\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n'
-                    f'[fleet]\nenabled = true\nallow_unsigned = true\ngateway_id = "gw-lab"\nstate_dir = "{tmp_path / "state"}"\n'
-                    f'telemetry_period_s = 0\n')
-    args = proxy_main._parser().parse_args(["--config", str(path)])
+    args = gateway_args(tmp_path, engine, mosquitto, f'api_keys = ["{hash_key("sk-old")}"]',
+                        'allow_unsigned = true\ngateway_id = "gw-lab"\ntelemetry_period_s = 0')
     old, evil = {"Authorization": "Bearer sk-old"}, {"Authorization": "Bearer sk-evil"}
     now_ms = int(time.time() * 1000)
     with Gateway(*proxy_main.load(args)) as gw:
