@@ -11,7 +11,15 @@ from typing import Any
 
 import msgspec
 
-from edge_wire.settings import SECRET, ConfigError, Table, hints, read_config_file, split, table_keys
+from edge_wire.settings import (
+    SECRET,
+    ConfigError,
+    Table,
+    hints,
+    read_config_file,
+    split,
+    table_keys,
+)
 
 from .config import load_fleet_config
 from .document import flatten
