@@ -14,11 +14,12 @@ milliseconds: one push cannot pin a version out of the controller's reach), or w
 unknown, locked, out of range, or signed-only in an unsigned document (nor may an unsigned
 document change such a key by leaving it out); the config in force then stays as it was.
 
+An accepted one is applied: keys the agent or the sidecar can change live are changed, the rest
+are reported as needing a restart (they are in force from the next start: see applied_config).
+
 A signed document with `"reset": true`, issued within the clock skew (and after the last reset),
-is applied whatever its target's applied version: the controller's way back from a version set
-too high (edgectl reset-version). An accepted one
-is applied: keys the agent or the sidecar can change live are changed, the rest are reported as
-needing a restart (they are in force from the next start: see applied_config).
+is accepted whatever its target's applied version: the controller's way back from a version set
+too high (edgectl reset-version).
 
 State (`config-state.json` in the state directory, written atomically): the applied document
 of each layer, the digest of the last payload processed per target (the retained desired
