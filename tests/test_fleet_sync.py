@@ -313,7 +313,7 @@ def test_edgectl_command_line(mosquitto, tmp_path, capsys, target):
     assert results == {"push": 0, "bad": 1, "list": 0, "show": 0}
     assert f"pushed version 3 to {target}" in out and "proxy.rate_limit_requests_per_min: applied" in out.replace("needs_restart", "applied")
     assert "proxy.rate_limit_requests_per_min: must be >= 0, got -5" in out
-    assert "gw-1" in out.split("GATEWAY", 1)[1] and "online" in out
+    assert "gw-1" in out.split("GATEWAY", 1)[1] and "online UNSIGNED-CONFIG-ALLOWED" in out  # a lab gateway, shown as such
 
 
 def test_edgectl_keygen_and_usage_errors(tmp_path, capsys, monkeypatch):
