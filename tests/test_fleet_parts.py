@@ -102,6 +102,25 @@ def test_validation_gives_a_reason_per_key():
     assert validate({"proxy": {"host": "0.0.0.0", "api_keys": ["a" * 64]}}, tables()) == {}
 
 
+def test_unsigned_documents_cannot_set_signed_only_keys(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[fleet]\ngateway_id = "gw-9"\n')
+    t = default_tables(path)
+    pushed = {"proxy": {"api_keys": ["a" * 64], "cache_ttl_s": 5},
+              "offload": {"max_memory_percent": 1, "idle_timeout_s": 5},
+              "devices": {"enabled": True, "max_concurrent": 4}}
+    assert validate(pushed, t, signed=False) == {
+        "proxy.api_keys": "decides who may call the gateway: settable only in a document signed by the controller",
+        "offload.max_memory_percent": "decides when prompts leave the gateway (offload): settable only in a document signed by the controller",
+        "devices.enabled": "decides who may call the gateway: settable only in a document signed by the controller",
+    }
+    assert validate(pushed, t, signed=True) == {}
+    # a table guarded by name: a key not listed (e.g. one added later) needs a signature
+    guarded = {"proxy": managed(ProxyConfig(), unsigned=frozenset({"port"}))}
+    assert validate({"proxy": {"port": 1, "cache_ttl_s": 5}}, guarded, signed=False) == {
+        "proxy.cache_ttl_s": "not among the keys an unsigned document may set: settable only in a document signed by the controller"}
+
+
 def test_changes_fall_back_to_the_running_values():
     t = tables()
     old = {"proxy": {"port": 9000, "cache_ttl_s": 60}}

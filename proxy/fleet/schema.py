@@ -43,12 +43,21 @@ UNMANAGED = {
 }
 # [devices] keys that stay local: the reply prefix bounds where devices can make the gateway publish.
 DEVICES_LOCKED = {"reply_prefix": "set locally (it bounds where devices can make the gateway publish)"}
-# Keys a push may set only when signed by the controller: they decide who may call the gateway or
-# where it listens. Fields marked SECRET in any table are signed-only too (see managed()).
+# Keys a push may set only when signed by the controller: they decide who may call the gateway,
+# where it listens, or where prompts go. Fields marked SECRET in any table are signed-only too.
 _WHO = "decides who may call the gateway"
 _WHERE = "decides where the gateway listens or what it talks to"
+_PROMPTS = "decides when prompts leave the gateway (offload)"
 PROXY_SIGNED_ONLY = {"api_keys": _WHO, "jwt": _WHO, "host": _WHERE, "port": _WHERE, "engine_socket": _WHERE}
 DEVICES_SIGNED_ONLY = {"enabled": _WHO}
+OFFLOAD_SIGNED_ONLY = {"enabled": _PROMPTS, "max_wait_s": _PROMPTS, "max_cpu_temp_c": _PROMPTS, "max_memory_percent": _PROMPTS}
+# In [offload] and [devices] (where authentication lives) an unsigned document may set only these
+# operational bounds: any other key, one added later included, needs a signature.
+OFFLOAD_UNSIGNED = frozenset({"status_interval_s", "accept_timeout_s", "idle_timeout_s", "breaker_failures", "breaker_cooldown_s",
+                              "max_in_flight", "retry_local"})
+DEVICES_UNSIGNED = frozenset({"max_payload_bytes", "max_concurrent", "rate_limit_requests_per_min", "rate_limit_tokens_per_min",
+                              "default_max_tokens", "default_temperature"})
+_NOT_UNSIGNED = "not among the keys an unsigned document may set"
 SIGNED_ONLY_REASON = "{why}: settable only in a document signed by the controller"
 MAX_REASON_CHARS = 300
 
@@ -66,12 +75,15 @@ def fleet_table(fleet: Any) -> ManagedTable:
     return managed(fleet, FLEET_LOCKED)
 
 
-def managed(config: Table, locked: Mapping[str, str] | None = None, signed_only: Mapping[str, str] | None = None) -> ManagedTable:
-    """A table managed through `config`, as loaded from the file (ProxyConfig, OffloadConfig, ...);
-    its SECRET fields are signed-only besides `signed_only`."""
+def managed(config: Table, locked: Mapping[str, str] | None = None, signed_only: Mapping[str, str] | None = None,
+            unsigned: frozenset[str] | None = None) -> ManagedTable:
+    """A table managed through `config`, as loaded from the file (ProxyConfig, OffloadConfig, ...).
+    Signed-only: its SECRET fields, `signed_only`, and, when `unsigned` is given, every key
+    outside it (the table's keys are then unsigned-settable by name only)."""
     running = {key: getattr(config, key) for key in table_keys(type(config))}
+    guarded = {key: _NOT_UNSIGNED for key in running if unsigned is not None and key not in unsigned}
     secrets = {name: "a secret" for name, tp in hints(type(config)).items() if SECRET in split(tp)[1] and name in running}
-    return ManagedTable(config, running, dict(locked or {}), {**secrets, **(signed_only or {})})
+    return ManagedTable(config, running, dict(locked or {}), {**guarded, **secrets, **(signed_only or {})})
 
 
 def default_tables(path: Path | None = None) -> dict[str, ManagedTable]:
@@ -81,8 +93,8 @@ def default_tables(path: Path | None = None) -> dict[str, ManagedTable]:
 
     data, found = read_config_file(path)
     return {"proxy": managed(load_proxy_config(path), signed_only=PROXY_SIGNED_ONLY), "fleet": fleet_table(load_fleet_config(path)),
-            "offload": managed(offload_config_from(data, found)),
-            "devices": managed(devices_config_from(data, found), DEVICES_LOCKED, DEVICES_SIGNED_ONLY)}
+            "offload": managed(offload_config_from(data, found), signed_only=OFFLOAD_SIGNED_ONLY, unsigned=OFFLOAD_UNSIGNED),
+            "devices": managed(devices_config_from(data, found), DEVICES_LOCKED, DEVICES_SIGNED_ONLY, DEVICES_UNSIGNED)}
 
 
 def validate(config: dict[str, dict[str, Any]], tables: Mapping[str, ManagedTable],
