@@ -242,6 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--broker", help="broker URL, mqtt://host:port or mqtts://host:port (default [mqtt] url of --config)")
     parser.add_argument("--config", type=Path, help="TOML file whose [mqtt] table says how to reach the broker (TLS, user)")
     parser.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
+    parser.add_argument("--allow-plaintext", action="store_true", default=None,
+                        help="allow mqtt:// (no TLS) to a broker off loopback (labs only; [mqtt] allow_plaintext)")
     sub = parser.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="gateways with presence, config version and last telemetry")
     ls.add_argument("--json", action="store_true", help="one JSON object per gateway")
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_prefix("--prefix", args.prefix)
         data, path = read_config_file(args.config) if args.config else ({}, None)
-        mqtt = mqtt_config_from(data, path).with_overrides(url=args.broker)
+        mqtt = mqtt_config_from(data, path).with_overrides(url=args.broker, allow_plaintext=args.allow_plaintext)
         if args.command in ("push", "reset-version"):
             args.gateway, args.group = _target(args.target)
         return asyncio.run(_run(args, mqtt))

@@ -325,8 +325,14 @@ def test_edgectl_keygen_and_usage_errors(tmp_path, capsys, monkeypatch):
     assert edgectl(["keygen", "ops"]) == 2  # never overwrites
     assert edgectl(["--broker", "http://x", "list"]) == 2
     assert edgectl(["push", "bad/name", "x.toml"]) == 2
+    assert edgectl(["--broker", "mqtt://broker.example.net", "list"]) == 2  # no TLS off loopback, not allowed
     err = capsys.readouterr().err
     assert "ops.key exists" in err and "url: scheme must be" in err and "gateway: must be 1 to 64" in err
+    assert "mqtt://broker.example.net is not encrypted" in err and "allow_plaintext = true" in err
+    # allowed: the URL passes, and the command stops at the next thing (the file, read before connecting)
+    assert edgectl(["--broker", "mqtt://broker.example.net", "--allow-plaintext", "push", "gw-1", str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "none.toml: cannot read" in err and "not encrypted" not in err
 
 
 def test_a_restarted_gateway_keeps_its_pushed_config_and_does_not_redo_it(mosquitto, tmp_path):
