@@ -1,7 +1,8 @@
 """`edgectl`: the reference fleet controller. Lists gateways (presence, last telemetry, config
 version), watches telemetry live, pushes a config file (TOML or JSON; signed with an Ed25519
 key when given one) to a gateway or a group and shows what each gateway reported, resets a
-gateway's config version (signed), and makes signing keys. `Controller` is the same thing as a library (the tests drive fleet sync with it)."""
+gateway's config version (signed), and makes signing keys. `Controller` is the same thing as a
+library (the tests drive fleet sync with it)."""
 
 from __future__ import annotations
 
@@ -150,8 +151,7 @@ class Controller:
                 now_ms = int(time.time() * 1000)
                 current = None if reset else await self.retained(topic)
                 last = current.get("version") if isinstance(current, dict) else None
-                follow = isinstance(last, int) and last < now_ms + FUTURE_SLACK_MS
-                version = max(now_ms, last + 1) if follow else now_ms
+                version = max(now_ms, last + 1) if isinstance(last, int) and last < now_ms + FUTURE_SLACK_MS else now_ms
             if not 1 <= version <= MAX_VERSION:
                 raise ValueError(f"version must be in [1, 2^63-1], got {version}")
             doc = make_desired(target, version, config, issued_by=_whoami(), reset=reset)
