@@ -206,13 +206,10 @@ class Tokenizer:
             return self.encode(text, add_special_tokens=False)
         ids: list[int] = []
         start = 0
-        for match in _MARK.finditer(text):
-            index = int(match.group(1))
-            if index >= len(literals):
-                continue  # cannot be ours: every marker character in the content was replaced
+        for match in _MARK.finditer(text):  # all ours: every marker character in the content was replaced
             if match.start() > start:
                 ids += self.encode(text[start:match.start()], add_special_tokens=False)
-            ids += self._plain().encode(literals[index], add_special_tokens=False).ids
+            ids += self._plain().encode(literals[int(match.group(1))], add_special_tokens=False).ids
             start = match.end()
         if start < len(text):
             ids += self.encode(text[start:], add_special_tokens=False)
