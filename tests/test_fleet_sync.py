@@ -263,6 +263,28 @@ def test_a_pinned_version_is_bounded_and_reset_by_a_signed_reset(mosquitto, tmp_
     assert "pushed version" in capsys.readouterr().out
 
 
+def test_a_10_mb_desired_document_never_reaches_the_gateway(mosquitto, tmp_path):
+    """The attacker's 10 MB document on the desired topic is dropped by the broker (the
+    gateway's MaximumPacketSize): the gateway never reads it, so never reports on it (it would
+    report it over the size limit); the document after it is read and reported."""
+    agent, _ = agent_for(mosquitto, tmp_path)
+    reports: list[dict] = []
+
+    async def main():
+        await agent.start()
+        assert await agent.client.wait_connected(10)
+        async with Controller(mqtt(mosquitto.url)) as ctl:
+            ctl.client.subscribe(ctl.topics.reported("gw-1"), lambda m: reports.append(json.loads(m.payload)))
+            huge = json.dumps({"version": 1, "target": "gw-1", "config": {}, "issued_by": "x" * (10 << 20)}).encode()
+            await ctl.client.publish(ctl.topics.desired("gw-1"), huge, qos=1)
+            after = await publish_and_report(ctl, make_desired("gw-1", 2, {"proxy": {"cache_ttl_s": 5}}))
+            assert after["status"] == "applied"
+        await agent.stop()
+
+    run(main())
+    assert [r["version"] for r in reports] == [2]
+
+
 def test_an_old_document_replayed_verbatim_is_refused(mosquitto, tmp_path):
     agent, sidecar = agent_for(mosquitto, tmp_path)
     captured: list[bytes] = []
