@@ -28,12 +28,12 @@ class ConfigError(EdgeRuntimeError):
 class EngineConfig:
     model: str | None = None  # recipe name, built directory or checkpoint; None: the default model
     socket_path: str | None = None  # None: default_socket_path()
-    max_batch: int = 4  # KV slots: sequences decoded together
+    max_batch: int = 8  # KV slots: sequences decoded together (KV memory grows only with the tokens held)
     max_context: int | None = None  # tokens per slot; None: the model's
     threads: int | None = None  # CPU threads; None: ONNX Runtime's choice
     queue_size: int = 64  # requests waiting for a slot before the engine answers busy
     prefill_chunk: int = 256
-    prefix_cache_mb: float = 0.0  # 0: no prefix cache
+    prefix_cache_mb: float = 64.0  # 0: no prefix cache; sizing: docs/engine-performance.md
     prefix_block: int = 32
     # Prefixes to cache at start: raw prompt text, or {system = "..."} rendered with the chat template.
     warmup_prompts: tuple[str | dict[str, str], ...] = ()

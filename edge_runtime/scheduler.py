@@ -173,7 +173,7 @@ class Scheduler:
             "kv": {
                 "slots": self.backend.max_batch,
                 "max_context": self.backend.max_context,
-                "bytes_reserved": self.backend.max_batch * self.backend.max_context * per_token,
+                "bytes_allocated": self.backend.kv_bytes_allocated(),
                 "tokens_used": used_tokens,
                 "bytes_used": used_tokens * per_token,
             },

@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 from ..manifest import MANIFEST, read_manifest
 from ..tokenizer import export_tokenizer
 from .checkpoint import checksum, load_checkpoint
-from .onnx_graph import build_graph
+from .onnx_graph import KV_DTYPES, build_graph
 from .quantize import INT8_FORMS
 
 BUILDER_VERSION = 1
@@ -33,8 +33,11 @@ class BuildOptions:
     int8_form: str = DEFAULT_INT8_FORM
     arch: str | None = None
     max_context: int | None = None  # None: the checkpoint's, capped at DEFAULT_MAX_CONTEXT
+    kv_dtype: str = "fp16"  # the KV cache's element type: "fp16" | "fp32"
 
     def graph_quant(self) -> str:
+        if self.kv_dtype not in KV_DTYPES:
+            raise CheckpointError(f"unknown KV cache type {self.kv_dtype} (known: {', '.join(KV_DTYPES)})")
         if self.quant == "fp32":
             return "fp32"
         if self.quant != "int8" or self.int8_form not in INT8_FORMS:
@@ -65,7 +68,7 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
         raise CheckpointError(f"{source}: no such file or directory")
     digest = checksum(source, None if quiet else _progress(f"hashing {source.name}"))
     key = {"source_sha256": digest, "quant": graph_quant, "arch": options.arch,
-           "max_context": options.max_context, "builder_version": BUILDER_VERSION}
+           "max_context": options.max_context, "kv_dtype": options.kv_dtype, "builder_version": BUILDER_VERSION}
     existing = read_manifest(out_dir)
     if existing and existing.get("build_key") == key and (out_dir / existing["model_file"]).exists():
         return out_dir
@@ -76,7 +79,7 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model = build_graph(ckpt, graph_quant, max_context, None if quiet else _progress("building layers"))
+        model = build_graph(ckpt, graph_quant, max_context, None if quiet else _progress("building layers"), options.kv_dtype)
         onnx.save_model(model, staging / "model.onnx", save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
         tok = export_tokenizer(source, staging)
@@ -88,6 +91,7 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
             "source_sha256": digest,
             "quantization": graph_quant,
             "max_context": max_context,
+            "kv_dtype": options.kv_dtype,
             "spec": spec.to_dict(),
             "tokenizer": tok.to_dict(),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -133,11 +133,18 @@ class _GraphWriter:
         return self.op1("DynamicQuantizeMatMul", [x, "embed.qweight", "embed.scale"], domain=MS)
 
 
+KV_DTYPES = {"fp16": (TensorProto.FLOAT16, np.float16), "fp32": (TensorProto.FLOAT, np.float32)}
+
+
 def build_graph(
-    ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None
+    ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None,
+    kv_dtype: str = "fp16",
 ) -> onnx.ModelProto:
-    """quant: "fp32", "dq" or "nbits" (the two INT8 forms)."""
+    """quant: "fp32", "dq" or "nbits" (the two INT8 forms). kv_dtype: the KV cache's element
+    type; attention runs in it (fp16 halves the cache, and GroupQueryAttention wants its
+    inputs and cache in one type), everything else in float32."""
     spec = ckpt.spec
+    kv_proto, kv_np = KV_DTYPES[kv_dtype]
     g = _GraphWriter(quant)
     eps = spec.rms_norm_eps
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
@@ -150,8 +157,8 @@ def build_graph(
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "num_logits", spec.vocab_size])]
     cos, sin = rope_cache(spec, max_context)
-    g.const("cos_cache", cos)
-    g.const("sin_cache", sin)
+    g.const("cos_cache", cos.astype(kv_np))
+    g.const("sin_cache", sin.astype(kv_np))
 
     embed = ckpt.weight("embed")
     x, quantized_embed = g.embedding("input_ids", embed, spec.hidden_size)
@@ -167,10 +174,12 @@ def build_graph(
         if spec.qkv_bias:
             qkv_b = np.concatenate([ckpt.weight(f"l{i}.{w}_bias") for w in "qkv"], axis=0)
         qkv = g.linear(f"{p}.qkv", normed, qkv_w, qkv_b)
+        if kv_proto != TensorProto.FLOAT:
+            qkv = g.op1("Cast", [qkv], to=kv_proto)
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
-        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (present_k, present_v)]
+        inputs += [helper.make_tensor_value_info(n, kv_proto, kv_shape) for n in (past_k, past_v)]
+        outputs += [helper.make_tensor_value_info(n, kv_proto, present_shape) for n in (present_k, present_v)]
         attn = f"{p}.attn_out"
         g.nodes.append(helper.make_node(
             "GroupQueryAttention",
@@ -179,6 +188,8 @@ def build_graph(
             num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1,
             rotary_interleaved=int(spec.rope_interleaved), scale=float(spec.head_dim ** -0.5),
         ))
+        if kv_proto != TensorProto.FLOAT:
+            attn = g.op1("Cast", [attn], to=TensorProto.FLOAT)
         o = g.linear(f"{p}.o", attn, ckpt.weight(f"l{i}.o"))
         if spec.arch == "glm4":
             o = g.rms_norm(o, ckpt.weight(f"l{i}.post_attn_norm"), f"{p}.post_attn_norm", eps)
