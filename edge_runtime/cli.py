@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a GGUF file or HF checkpoint directory into an ONNX model directory")
     b.add_argument("source", type=Path)
     b.add_argument("-o", "--output", type=Path, required=True)
-    b.add_argument("--quant", choices=("int8", "fp32"), default="int8")
+    b.add_argument("--quant", choices=("int8", "int4", "fp32"), default="int8")
     b.add_argument("--int8-form", choices=INT8_FORMS, default=DEFAULT_INT8_FORM)
     b.add_argument("--arch", choices=ARCHITECTURES, help="expected architecture (default: read from the checkpoint)")
     b.add_argument("--max-context", type=int)

@@ -14,6 +14,7 @@ from logit_metrics import mean_kl
 ARCHS = ("llama", "qwen2", "glm", "glm4")
 # INT8 measure: mean over positions of KL(reference || ours) of the next-token distribution.
 INT8_MAX_MEAN_KL = 1e-4  # random models have flat distributions: the KL is ~1e-6
+INT4_MAX_MEAN_KL = 1e-3  # 16 levels a block: the KL is ~1e-4 to 3e-4, ~100x INT8's
 
 
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -63,6 +64,20 @@ def test_int8_stays_close_to_reference(arch, tiny_checkpoints, builds):
     print(f"{arch} int8 mean KL {kl:.2e}")
     assert kl < INT8_MAX_MEAN_KL
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("head_bits", (8, 4))
+@pytest.mark.parametrize("arch", ("llama", "glm"))
+def test_int4_stays_close_to_reference(arch, head_bits, tiny_checkpoints, tmp_path):
+    ckpt, ref_model = tiny_checkpoints[arch]
+    model_dir = build(ckpt, tmp_path / "int4", BuildOptions(quant="int4", int4_head_bits=head_bits), quiet=True)
+    ids = np.random.default_rng(4).integers(0, 320, 20)
+    ref = reference_logits(ref_model, ids)
+    ours = our_logits(OnnxRuntimeBackend(model_dir, max_batch=2), ids)
+    kl = mean_kl(ref, ours)
+    print(f"{arch} int4 (head {head_bits} bits) mean KL {kl:.2e}")
+    assert kl < INT4_MAX_MEAN_KL
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.6
 
 
 @pytest.mark.parametrize("arch", ("llama", "glm4"))

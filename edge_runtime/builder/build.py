@@ -25,12 +25,14 @@ from .quantize import INT8_FORMS
 BUILDER_VERSION = 1
 DEFAULT_INT8_FORM = "nbits"  # as fast as "dq" and far closer to fp32: bench/int8_forms.py
 DEFAULT_MAX_CONTEXT = 8192
+DEFAULT_INT4_HEAD_BITS = 8
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    quant: str = "int8"  # "int8" | "fp32"
+    quant: str = "int8"  # "int8" | "int4" | "fp32"
     int8_form: str = DEFAULT_INT8_FORM
+    int4_head_bits: int = DEFAULT_INT4_HEAD_BITS  # the lm_head's bits in an INT4 build: 8 | 4
     arch: str | None = None
     max_context: int | None = None  # None: the checkpoint's, capped at DEFAULT_MAX_CONTEXT
     kv_dtype: str = "fp16"  # the KV cache's element type: "fp16" | "fp32"
@@ -40,6 +42,8 @@ class BuildOptions:
             raise CheckpointError(f"unknown KV cache type {self.kv_dtype} (known: {', '.join(KV_DTYPES)})")
         if self.quant == "fp32":
             return "fp32"
+        if self.quant == "int4" and self.int4_head_bits in (4, 8):
+            return "int4" if self.int4_head_bits == 8 else "int4-head4"
         if self.quant != "int8" or self.int8_form not in INT8_FORMS:
             raise CheckpointError(f"unknown quantization {self.quant}/{self.int8_form}")
         return self.int8_form

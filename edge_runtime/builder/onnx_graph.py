@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import Checkpoint
-from .quantize import BlockInt8, PerChannelInt8, quantize_blocks, quantize_per_channel
+from .quantize import BlockInt8, PerChannelInt8, quantize_blocks, quantize_blocks4, quantize_per_channel
 from .spec import ModelSpec
 
 MS = "com.microsoft"
@@ -51,7 +51,7 @@ def _llama3_scaled(inv_freq: np.ndarray, s: dict[str, float]) -> np.ndarray:
 
 class _GraphWriter:
     def __init__(self, quant: str) -> None:
-        self.quant = quant  # "fp32" | "dq" | "nbits"
+        self.quant = quant  # "fp32" | "dq" | "nbits" | "int4" | "int4-head4"
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._const_names: set[str] = set()
@@ -72,8 +72,8 @@ class _GraphWriter:
     def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
-    def linear(self, name: str, x: str, w: np.ndarray, bias: np.ndarray | None = None) -> str:
-        """x @ w.T (+ bias); w is [out, in]."""
+    def linear(self, name: str, x: str, w: np.ndarray, bias: np.ndarray | None = None, int8: bool = False) -> str:
+        """x @ w.T (+ bias); w is [out, in]. int8: 8-bit blocks even in an INT4 build."""
         n, k = w.shape
         if self.quant == "dq":
             q = quantize_per_channel(w)
@@ -81,7 +81,14 @@ class _GraphWriter:
             if bias is not None:
                 inputs += ["", self.const(f"{name}.bias", bias.astype(np.float32))]
             return self.op1("DynamicQuantizeMatMul", inputs, domain=MS)
-        if self.quant == "nbits":
+        if self.quant.startswith("int4") and not int8:
+            q4 = quantize_blocks4(w)
+            y = self.op1(
+                "MatMulNBits",
+                [x, self.const(f"{name}.qweight", q4.blob), self.const(f"{name}.scale", q4.scale.reshape(-1))],
+                domain=MS, K=k, N=n, bits=4, block_size=q4.block, accuracy_level=4,
+            )
+        elif self.quant in ("nbits", "int4", "int4-head4"):
             q = quantize_blocks(w)
             y = self.op1(
                 "MatMulNBits",
@@ -107,7 +114,7 @@ class _GraphWriter:
         row. Returns the quantized table too, so a tied lm_head can reuse it."""
         if self.quant == "fp32":
             return self.op1("Gather", [self.const("embed.weight", embed), ids]), None
-        if self.quant == "nbits":
+        if self.quant in ("nbits", "int4", "int4-head4"):  # INT4 keeps an 8-bit table: a lookup reads one row
             q = quantize_blocks(embed)
             rows = self.op1("Gather", [self.const("embed.qweight", q.blob), ids])  # [B,S,nb,blk]
             scale = self.op1("Gather", [self.const("embed.scale2d", q.scale), ids])  # [B,S,nb]
@@ -140,7 +147,8 @@ def build_graph(
     ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None,
     kv_dtype: str = "fp16",
 ) -> onnx.ModelProto:
-    """quant: "fp32", "dq" or "nbits" (the two INT8 forms). kv_dtype: the KV cache's element
+    """quant: "fp32", "dq" or "nbits" (the two INT8 forms), "int4" (4-bit layers, 8-bit
+    embedding and lm_head) or "int4-head4" (the lm_head in 4 bits too). kv_dtype: the KV cache's element
     type; attention runs in it (fp16 halves the cache, and GroupQueryAttention wants its
     inputs and cache in one type), everything else in float32."""
     spec = ckpt.spec
@@ -205,11 +213,11 @@ def build_graph(
 
     final, _ = g.skip_rms_norm(x, residual, ckpt.weight("norm"), "final_norm", eps)
     picked = g.op1("Gather", [final, "logits_index"], axis=1)
-    if spec.tie_word_embeddings and quantized_embed is not None:
+    if spec.tie_word_embeddings and quantized_embed is not None and quant != "int4-head4":
         logits = g.tied_lm_head(picked, quantized_embed, spec.vocab_size, spec.hidden_size)
     else:
         lm_head = embed if spec.tie_word_embeddings else ckpt.weight("lm_head")
-        logits = g.linear("lm_head", picked, lm_head)
+        logits = g.linear("lm_head", picked, lm_head, int8=quant == "int4")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     graph = helper.make_graph(g.nodes, f"{spec.arch}_decoder", inputs, outputs, g.initializers)
