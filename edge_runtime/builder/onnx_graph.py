@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import CheckpointError
 from .checkpoint import Checkpoint
 from .quantize import BlockInt8, PerChannelInt8, quantize_blocks, quantize_blocks4, quantize_per_channel
 from .spec import ModelSpec
@@ -30,10 +31,29 @@ def rope_cache(spec: ModelSpec, max_context: int) -> tuple[np.ndarray, np.ndarra
     """cos/sin [max_context, rotary_dim/2] as GroupQueryAttention wants them."""
     dim = spec.rotary_dim
     inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    if spec.rope_scaling:
-        inv_freq = _llama3_scaled(inv_freq, spec.rope_scaling)
+    scaling = spec.rope_scaling
+    if "freq_factors" in scaling:  # from a GGUF: llama.cpp divides each frequency by its factor
+        inv_freq = inv_freq / np.asarray(scaling["freq_factors"], dtype=np.float64)
+    if "linear_factor" in scaling:
+        inv_freq = inv_freq / scaling["linear_factor"]
+    if "factor" in scaling:  # from a Hugging Face config: Llama 3's parameters
+        inv_freq = _llama3_scaled(inv_freq, scaling)
     freqs = np.outer(np.arange(max_context, dtype=np.float64), inv_freq)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def check_fused_attention(spec: ModelSpec) -> None:
+    """Refuse, at build time, attention shapes ONNX Runtime's GroupQueryAttention cannot run
+    on the CPU (it would fail at the first generate otherwise)."""
+    problems = []
+    if spec.head_dim % 16:
+        problems.append(f"head_dim {spec.head_dim} is not a multiple of 16")
+    if (spec.rotary_dim // 2) % 8 or spec.rotary_dim > spec.head_dim:
+        problems.append(f"the rotary half-width {spec.rotary_dim // 2} (rotary_dim {spec.rotary_dim} / 2) is not a multiple of 8 "
+                        f"no larger than head_dim / 2")
+    if problems:
+        raise CheckpointError("this model's attention shape cannot run on ONNX Runtime's fused GroupQueryAttention: "
+                              + "; ".join(problems))
 
 
 def _llama3_scaled(inv_freq: np.ndarray, s: dict[str, float]) -> np.ndarray:
@@ -152,6 +172,7 @@ def build_graph(
     type; attention runs in it (fp16 halves the cache, and GroupQueryAttention wants its
     inputs and cache in one type), everything else in float32."""
     spec = ckpt.spec
+    check_fused_attention(spec)
     kv_proto, kv_np = KV_DTYPES[kv_dtype]
     g = _GraphWriter(quant)
     eps = spec.rms_norm_eps
