@@ -10,8 +10,10 @@ skipped with a message. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,8 @@ ENGINES_DIR = benchlib.BENCH_DIR / "engines"
 DEFAULT_GENAI_PYTHON = Path("/work/genai-venv/bin/python")
 BASELINE = "llama.cpp"
 BUSY = 0.1  # share of the CPUs busy with other work above which timings are likely skewed
+BANDWIDTH_MIB = 1024
+EDGE_FORMS = {"ours-int8": BuildOptions(), "ours-int4": BuildOptions(quant="int4")}
 
 
 @dataclass
@@ -34,6 +38,7 @@ class EngineRun:
     python: str
     runner: str  # file in bench/engines
     model: Path
+    pythonpath: Path | None = None  # another tree's edge_runtime (--edge-ref)
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (median), after a warm-up")
     p.add_argument("--genai-python", type=Path, default=DEFAULT_GENAI_PYTHON,
                    help="python of a virtualenv with onnxruntime-genai (bench/README.md)")
+    p.add_argument("--edge-ref", help="also run our INT8 engine as of this git commit (e.g. the one before a change)")
+    p.add_argument("--llama-requant", nargs="*", default=["Q8_0"],
+                   help="llama.cpp also on the GGUF requantised to these types (llama.cpp's own quantizer)")
     p.add_argument("--out", type=Path, help="write results here (JSON, plus a .md summary)")
     return p.parse_args()
 
@@ -78,14 +86,51 @@ def genai_models(python: Path, gguf: Path) -> dict[str, Path] | str:
     return {precision: Path(d) for precision, d in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
-def plan(args: argparse.Namespace, gguf: Path, edge_dir: Path) -> tuple[list[EngineRun], dict[str, str]]:
+def edge_at_ref(ref: str, gguf: Path, tmp: Path) -> tuple[Path, Path, str]:
+    """(source tree, INT8 build, commit) of our engine as of git ref `ref`, exported to tmp and
+    built by that tree's own builder (into bench/.cache, keyed by the commit)."""
+    repo = benchlib.BENCH_DIR.parent
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", ref], check=True, capture_output=True, text=True).stdout.strip()
+    tree = tmp / f"edge-{commit[:12]}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    out = benchlib.CACHE_DIR / "models" / f"{gguf.stem}-at-{commit[:12]}"
+    code = "import sys; from pathlib import Path; from edge_runtime.builder.build import BuildOptions, build; " \
+           "build(Path(sys.argv[1]), Path(sys.argv[2]), BuildOptions(), quiet=True)"
+    subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True, env={**os.environ, "PYTHONPATH": str(tree)})
+    return tree, out, commit
+
+
+def requantized(gguf: Path, qtype: str) -> Path:
+    """The GGUF requantised to qtype by llama.cpp's quantizer (cached in bench/.cache)."""
+    import llama_cpp
+
+    out = benchlib.CACHE_DIR / "gguf" / f"{gguf.stem}-requant-{qtype}.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+        params.allow_requantize = True
+        partial = out.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not requantise {gguf} to {qtype}")
+        partial.rename(out)
+    return out
+
+
+def plan(args: argparse.Namespace, gguf: Path, edge_dirs: dict[str, Path], tmp: Path) -> tuple[list[EngineRun], dict[str, str]]:
     """The engines to run, and those skipped with the reason."""
-    runs = [EngineRun("ours-int8", sys.executable, "edge.py", edge_dir)]
+    runs = [EngineRun(name, sys.executable, "edge.py", d) for name, d in edge_dirs.items()]
+    if args.edge_ref:
+        tree, model, commit = edge_at_ref(args.edge_ref, gguf, tmp)
+        runs.append(EngineRun(f"ours-int8@{commit[:8]}", sys.executable, "edge.py", model, tree))
     skipped: dict[str, str] = {}
     if importlib.util.find_spec("llama_cpp") is None:
         skipped[BASELINE] = "llama-cpp-python is not installed (pip install -e '.[bench]')"
     else:
         runs.append(EngineRun(BASELINE, sys.executable, "llamacpp.py", gguf))
+        runs += [EngineRun(f"llama.cpp-{q}", sys.executable, "llamacpp.py", requantized(gguf, q)) for q in args.llama_requant]
     models = genai_models(args.genai_python, gguf)
     if isinstance(models, str):
         skipped["onnxruntime-genai"] = models
@@ -99,15 +144,25 @@ def run_engine(engine: EngineRun, ids_file: Path, args: argparse.Namespace) -> d
            "--prompt-ids", str(ids_file), "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads),
            "--ctx", str(args.ctx), "--repeats", str(args.repeats)]
     print(f"running {engine.name} ...", file=sys.stderr, flush=True)
+    env = {**os.environ, "PYTHONPATH": str(engine.pythonpath)} if engine.pythonpath else None
     start = benchlib.CpuSnapshot.now()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     others_busy = benchlib.CpuSnapshot.now().others_busy_since(start)
     if done.returncode != 0:
         return {"engine": engine.name, "error": (done.stderr or done.stdout).strip()[-1000:]}
     result = json.loads(done.stdout.splitlines()[-1])
     result["model_mb"] = round(_size(engine.model) / 2**20, 1)
+    # Weight bytes read per token ~ the model's bytes (tokenizer files left out): the bound is
+    # what the measured read bandwidth allows at that size.
+    result["bandwidth_bound_tok_s"] = round(args.read_gbs * 1e9 / _weight_bytes(engine.model), 1)
     result["cpu_busy_with_other_work"] = round(others_busy, 3)
     return result
+
+
+def _weight_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
 
 
 def _size(path: Path) -> int:
@@ -122,7 +177,8 @@ def _fmt(x: float, digits: int = 0) -> str:
 
 def table(results: list[dict[str, object]]) -> str:
     base = next((r for r in results if r["engine"] == BASELINE and "error" not in r), None)
-    headers = ["engine", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "model MB", "other work"]
+    headers = ["engine", "prefill tok/s", "decode tok/s", "decode / bandwidth bound", "TTFT ms", "peak RSS MB",
+               "model MB", "other work"]
     if base:
         headers += [f"prefill vs {BASELINE}", f"decode vs {BASELINE}", f"same first tokens as {BASELINE}"]
     rows = []
@@ -130,7 +186,8 @@ def table(results: list[dict[str, object]]) -> str:
         if "error" in r:
             rows.append([r["engine"], "error"] + [""] * (len(headers) - 2))
             continue
-        row = [r["engine"], _fmt(r["prefill_tok_s"]), _fmt(r["decode_tok_s"], 1), _fmt(1000 * r["ttft_s"], 1),
+        row = [r["engine"], _fmt(r["prefill_tok_s"]), _fmt(r["decode_tok_s"], 1),
+               f"{r['decode_tok_s'] / r['bandwidth_bound_tok_s']:.2f} of {r['bandwidth_bound_tok_s']:.0f}", _fmt(1000 * r["ttft_s"], 1),
                _fmt(r["peak_rss_mb"]), _fmt(r["model_mb"]), f"{100 * r['cpu_busy_with_other_work']:.0f}%"]
         if base:
             same = _common_prefix(r["first_ids"], base["first_ids"])
@@ -158,7 +215,10 @@ def markdown(report: dict[str, object], results_table: str) -> str:
         f"Command: `{report['command']}`", "",
         f"Model: `{Path(s['gguf']).name}`; {s['prompt_tokens']} prompt tokens, {s['gen_tokens']} greedy tokens, "
         f"{s['threads']} threads, context {s['ctx']}; median of {s['repeats']} runs after a warm-up, "
-        "each engine in its own process.", "",
+        "each engine in its own process. Peak RSS is each engine process's own VmHWM.", "",
+        f"Memory read bandwidth, one thread (numpy sum over {s['bandwidth_buffer_mib']} MiB, best of 5): "
+        f"{report['read_bandwidth_gbs']:.1f} GB/s. The bandwidth bound of an engine is that over its model's bytes "
+        "(weights read once per token; an embedding table read a row at a time makes it a little low).", "",
         results_table, "",
         "First generated tokens:", "",
     ]
@@ -175,12 +235,13 @@ def main() -> None:
     if machine["cpu_busy_at_start"] > BUSY:
         print(f"warning: {100 * machine['cpu_busy_at_start']:.0f}% of the CPUs busy with other work: "
               "the timings may be skewed", file=sys.stderr)
-    edge_dir = benchlib.build_edge(gguf, BuildOptions())
-    ids, prompt_info = prompt_ids(gguf, Tokenizer.from_dir(edge_dir), args.prompt_tokens)
-    engines, skipped = plan(args, gguf, edge_dir)
-    for name, why in skipped.items():
-        print(f"skipping {name}: {why}", file=sys.stderr)
+    edge_dirs = {name: benchlib.build_edge(gguf, options) for name, options in EDGE_FORMS.items()}
+    ids, prompt_info = prompt_ids(gguf, Tokenizer.from_dir(edge_dirs["ours-int8"]), args.prompt_tokens)
+    args.read_gbs = benchlib.read_bandwidth_gbs(BANDWIDTH_MIB)
     with tempfile.TemporaryDirectory() as tmp:
+        engines, skipped = plan(args, gguf, edge_dirs, Path(tmp))
+        for name, why in skipped.items():
+            print(f"skipping {name}: {why}", file=sys.stderr)
         ids_file = Path(tmp) / "prompt_ids.json"
         ids_file.write_text(json.dumps(ids))
         results = [run_engine(e, ids_file, args) for e in engines]
@@ -190,7 +251,9 @@ def main() -> None:
         "command": benchlib.command_line(),
         "machine": machine,
         "settings": {"gguf": str(gguf), "threads": args.threads, "prompt_tokens": len(ids),
-                     "gen_tokens": args.gen_tokens, "ctx": args.ctx, "repeats": args.repeats},
+                     "gen_tokens": args.gen_tokens, "ctx": args.ctx, "repeats": args.repeats,
+                     "bandwidth_buffer_mib": BANDWIDTH_MIB, "edge_ref": args.edge_ref},
+        "read_bandwidth_gbs": round(args.read_gbs, 2),
         "prompt": {**prompt_info, "ids": ids},
         "results": results,
         "skipped": skipped,

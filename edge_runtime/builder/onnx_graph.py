@@ -108,6 +108,9 @@ class _GraphWriter:
                 [x, self.const(f"{name}.qweight", q4.blob), self.const(f"{name}.scale", q4.scale.reshape(-1))],
                 domain=MS, K=k, N=n, bits=4, block_size=q4.block, accuracy_level=4,
             )
+            blocks = self.op1("Reshape", [x, self.const(f"shape_blocks_{q4.block}", np.array([0, 0, -1, q4.block]))])
+            block_sums = self.op1("ReduceSum", [blocks, self.const("axes_last", np.array([-1]))], keepdims=0)
+            y = self.op1("Add", [y, self.op1("MatMul", [block_sums, self.const(f"{name}.offset", q4.offset)])])
         elif self.quant in ("nbits", "int4", "int4-head4"):
             q = quantize_blocks(w)
             y = self.op1(

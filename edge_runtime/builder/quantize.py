@@ -6,9 +6,8 @@ INT4 for MatMulNBits.
 - `dq`: per-output-channel int8 weights for `DynamicQuantizeMatMul` (activations quantized per
   tensor at run time). As fast at batch 1, but per-tensor activation scales lose too much on
   small LLMs (see bench/int8_forms.py for both, speed and logit divergence, on this machine).
-- `int4`: block-wise (32) 4-bit weights for `MatMulNBits` (accuracy_level 4), each block's
-  scale set by its largest-magnitude weight, which maps to -8 (llama.cpp's Q4_0 rule: all 16
-  levels used).
+- `int4`: block-wise (32) 4-bit weights for `MatMulNBits` (accuracy_level 4), each block's 16
+  levels spanning its minimum to its maximum with a float zero point (llama.cpp's Q4_1 rule).
 """
 
 from __future__ import annotations
@@ -58,21 +57,25 @@ def quantize_blocks(w: np.ndarray, block: int = NBITS_BLOCK) -> BlockInt8:
 
 @dataclass
 class BlockInt4:
-    blob: np.ndarray  # uint8 [N, n_blocks, block / 2]: two weights a byte, the first in the low nibble; zero point 8
+    blob: np.ndarray  # uint8 [N, n_blocks, block / 2]: two 4-bit levels a byte, the first in the low nibble
     scale: np.ndarray  # float32 [N, n_blocks]
+    offset: np.ndarray  # float32 [n_blocks, N]: w = (level - 8) * scale + offset, per block and output
     k: int
     block: int
 
 
 def quantize_blocks4(w: np.ndarray, block: int = NBITS_BLOCK) -> BlockInt4:
-    """w: float [N, K] (out, in); K is zero-padded up to a whole number of blocks."""
+    """w: float [N, K] (out, in); K must be a whole number of blocks. Each block's 16 levels
+    span its minimum to its maximum (llama.cpp's Q4_1 rule), so weights from a Q4_1 GGUF
+    (blocks of 32 along K, too) come back exactly. MatMulNBits runs integer zero points fast
+    but float ones ~100x slower, so the block's offset is kept apart: the graph adds
+    (x summed per block) @ offset."""
     n, k = w.shape
-    n_blocks = -(-k // block)
-    padded = np.zeros((n, n_blocks * block), dtype=np.float32)
-    padded[:, :k] = w
-    blocks = padded.reshape(n, n_blocks, block)
-    # The signed weight of largest magnitude maps to -8, so the other side reaches 7 at most.
-    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)[..., 0]
-    scale = np.where(extreme != 0, extreme / -8.0, 1.0).astype(np.float32)
-    q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7) + 8).astype(np.uint8)
-    return BlockInt4((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale, k, block)
+    if k % block:
+        raise ValueError(f"int4: input size {k} is not a multiple of the block ({block})")
+    blocks = w.reshape(n, k // block, block)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    offset = (lo + 8 * scale).astype(np.float32)  # MatMulNBits' default zero point is 8
+    return BlockInt4((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale, np.ascontiguousarray(offset.T), k, block)
