@@ -54,6 +54,22 @@ def build_edge(gguf: Path, options: BuildOptions) -> Path:
     return build(gguf, CACHE_DIR / "models" / f"{gguf.stem}-{options.graph_quant()}{kv}", options, quiet=True)
 
 
+def edge_at_ref(ref: str, gguf: Path, tmp: Path) -> tuple[Path, Path, str]:
+    """(source tree, INT8 build, commit) of our engine as of git ref `ref`, exported to tmp and
+    built by that tree's own builder (into bench/.cache, keyed by the commit)."""
+    repo = BENCH_DIR.parent
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", ref], check=True, capture_output=True, text=True).stdout.strip()
+    tree = tmp / f"edge-{commit[:12]}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    out = CACHE_DIR / "models" / f"{gguf.stem}-at-{commit[:12]}"
+    code = "import sys; from pathlib import Path; from edge_runtime.builder.build import BuildOptions, build; " \
+           "build(Path(sys.argv[1]), Path(sys.argv[2]), BuildOptions(), quiet=True)"
+    subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True, env={**os.environ, "PYTHONPATH": str(tree)})
+    return tree, out, commit
+
+
 ALLOW_DIRTY_ENV = "BENCH_ALLOW_DIRTY"  # set to 1 to measure an uncommitted tree (the result says so)
 
 

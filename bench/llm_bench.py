@@ -29,7 +29,8 @@ DEFAULT_GENAI_PYTHON = Path("/work/genai-venv/bin/python")
 BASELINE = "llama.cpp"
 BUSY = 0.1  # share of the CPUs busy with other work above which timings are likely skewed
 BANDWIDTH_MIB = 1024
-EDGE_FORMS = {"ours-int8": BuildOptions(), "ours-int4": BuildOptions(quant="int4")}
+# int8 with an fp32 KV cache too: beside --edge-ref it splits the binding's cost from fp16's
+EDGE_FORMS = {"ours-int8": BuildOptions(), "ours-int8-kv32": BuildOptions(kv_dtype="fp32"), "ours-int4": BuildOptions(quant="int4")}
 
 
 @dataclass
@@ -86,22 +87,6 @@ def genai_models(python: Path, gguf: Path) -> dict[str, Path] | str:
     return {precision: Path(d) for precision, d in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
-def edge_at_ref(ref: str, gguf: Path, tmp: Path) -> tuple[Path, Path, str]:
-    """(source tree, INT8 build, commit) of our engine as of git ref `ref`, exported to tmp and
-    built by that tree's own builder (into bench/.cache, keyed by the commit)."""
-    repo = benchlib.BENCH_DIR.parent
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", ref], check=True, capture_output=True, text=True).stdout.strip()
-    tree = tmp / f"edge-{commit[:12]}"
-    tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "archive", commit], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    out = benchlib.CACHE_DIR / "models" / f"{gguf.stem}-at-{commit[:12]}"
-    code = "import sys; from pathlib import Path; from edge_runtime.builder.build import BuildOptions, build; " \
-           "build(Path(sys.argv[1]), Path(sys.argv[2]), BuildOptions(), quiet=True)"
-    subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True, env={**os.environ, "PYTHONPATH": str(tree)})
-    return tree, out, commit
-
-
 def requantized(gguf: Path, qtype: str) -> Path:
     """The GGUF requantised to qtype by llama.cpp's quantizer (cached in bench/.cache)."""
     import llama_cpp
@@ -123,7 +108,7 @@ def plan(args: argparse.Namespace, gguf: Path, edge_dirs: dict[str, Path], tmp: 
     """The engines to run, and those skipped with the reason."""
     runs = [EngineRun(name, sys.executable, "edge.py", d) for name, d in edge_dirs.items()]
     if args.edge_ref:
-        tree, model, commit = edge_at_ref(args.edge_ref, gguf, tmp)
+        tree, model, commit = benchlib.edge_at_ref(args.edge_ref, gguf, tmp)
         runs.append(EngineRun(f"ours-int8@{commit[:8]}", sys.executable, "edge.py", model, tree))
     skipped: dict[str, str] = {}
     if importlib.util.find_spec("llama_cpp") is None:
