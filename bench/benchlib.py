@@ -66,7 +66,8 @@ def edge_at_ref(ref: str, gguf: Path, tmp: Path) -> tuple[Path, Path, str]:
     out = CACHE_DIR / "models" / f"{gguf.stem}-at-{commit[:12]}"
     code = "import sys; from pathlib import Path; from edge_runtime.builder.build import BuildOptions, build; " \
            "build(Path(sys.argv[1]), Path(sys.argv[2]), BuildOptions(), quiet=True)"
-    subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True, env={**os.environ, "PYTHONPATH": str(tree)})
+    # cwd=tree: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+    subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
     return tree, out, commit
 
 
