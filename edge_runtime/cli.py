@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("source", type=Path)
     b.add_argument("-o", "--output", type=Path, required=True)
     b.add_argument("--quant", choices=("int8", "int4", "fp32"), default="int8")
+    b.add_argument("--kv-dtype", choices=("fp32", "fp16"), default="fp32", help="KV cache element type (fp16: half the memory, slower on CPU)")
     b.add_argument("--int8-form", choices=INT8_FORMS, default=DEFAULT_INT8_FORM)
     b.add_argument("--arch", choices=ARCHITECTURES, help="expected architecture (default: read from the checkpoint)")
     b.add_argument("--max-context", type=int)
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":
-            options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context)
+            options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context,
+                                   kv_dtype=args.kv_dtype)
             print(build(args.source, args.output, options))
         elif args.command == "generate":
             _sampling(args)  # validate before loading the model

@@ -1,5 +1,5 @@
 """The KV cache costs what it holds: it grows with the tokens held, is returned when sequences
-end, keeps its contents across resizes, and is half the size in fp16."""
+end (in either element type), keeps its contents across resizes, and is half the size in fp16."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def fp32_kv_model(tiny_checkpoints, tmp_path_factory):
     return build(tiny_checkpoints["llama"][0], tmp_path_factory.mktemp("kv32") / "m", BuildOptions(kv_dtype="fp32"), quiet=True)
 
 
+@pytest.fixture(scope="module")
+def fp16_kv_model(tiny_checkpoints, tmp_path_factory):
+    return build(tiny_checkpoints["llama"][0], tmp_path_factory.mktemp("kv16") / "m", BuildOptions(kv_dtype="fp16"), quiet=True)
+
+
 def test_capacity_is_the_next_power_of_two_within_bounds():
     assert capacity_for(1, 8192) == MIN_CAPACITY
     assert capacity_for(MIN_CAPACITY + 1, 8192) == 2 * MIN_CAPACITY
@@ -23,8 +28,9 @@ def test_capacity_is_the_next_power_of_two_within_bounds():
     assert capacity_for(1000, 600) == 600
 
 
-def test_kv_memory_grows_with_tokens_held_and_returns_when_sequences_end(tiny_model_dir):
-    backend = OnnxRuntimeBackend(tiny_model_dir, max_batch=8)
+@pytest.mark.parametrize("kv", ["fp32", "fp16"])
+def test_kv_memory_grows_with_tokens_held_and_returns_when_sequences_end(kv, fp32_kv_model, fp16_kv_model):
+    backend = OnnxRuntimeBackend(fp32_kv_model if kv == "fp32" else fp16_kv_model, max_batch=8)
     per_token = backend.kv_bytes_per_token()
     assert backend.kv_bytes_allocated() == 0  # max_batch costs nothing until used
 
@@ -74,6 +80,6 @@ def test_exported_kv_imports_into_another_slot(fp32_kv_model):
     np.testing.assert_allclose(backend.prefill(dst, ids[39:]), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fp16_cache_is_half_the_bytes(tiny_model_dir, fp32_kv_model):
-    fp16 = OnnxRuntimeBackend(tiny_model_dir, max_batch=1).kv_bytes_per_token()
+def test_fp16_cache_is_half_the_bytes(fp16_kv_model, fp32_kv_model):
+    fp16 = OnnxRuntimeBackend(fp16_kv_model, max_batch=1).kv_bytes_per_token()
     assert fp16 * 2 == OnnxRuntimeBackend(fp32_kv_model, max_batch=1).kv_bytes_per_token()

@@ -35,7 +35,9 @@ class BuildOptions:
     int4_head_bits: int = DEFAULT_INT4_HEAD_BITS  # the lm_head's bits in an INT4 build: 8 | 4
     arch: str | None = None
     max_context: int | None = None  # None: the checkpoint's, capped at DEFAULT_MAX_CONTEXT
-    kv_dtype: str = "fp16"  # the KV cache's element type: "fp16" | "fp32"
+    # The KV cache's element type: "fp32" | "fp16". fp16 halves the cache, but ONNX Runtime's
+    # CPU attention converts it back per step: 1.4-3x slower decode (docs/engine-performance.md).
+    kv_dtype: str = "fp32"
 
     def graph_quant(self) -> str:
         if self.kv_dtype not in KV_DTYPES:

@@ -168,12 +168,12 @@ KV_DTYPES = {"fp16": (TensorProto.FLOAT16, np.float16), "fp32": (TensorProto.FLO
 
 def build_graph(
     ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None,
-    kv_dtype: str = "fp16",
+    kv_dtype: str = "fp32",
 ) -> onnx.ModelProto:
     """quant: "fp32", "dq" or "nbits" (the two INT8 forms), "int4" (4-bit layers, 8-bit
     embedding and lm_head) or "int4-head4" (the lm_head in 4 bits too). kv_dtype: the KV cache's element
-    type; attention runs in it (fp16 halves the cache, and GroupQueryAttention wants its
-    inputs and cache in one type), everything else in float32."""
+    type; attention runs in it (GroupQueryAttention wants its inputs and cache in one type),
+    everything else in float32."""
     spec = ckpt.spec
     check_fused_attention(spec)
     kv_proto, kv_np = KV_DTYPES[kv_dtype]
