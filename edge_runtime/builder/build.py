@@ -36,7 +36,7 @@ class BuildOptions:
     arch: str | None = None
     max_context: int | None = None  # None: the checkpoint's, capped at DEFAULT_MAX_CONTEXT
     # The KV cache's element type: "fp32" | "fp16". fp16 halves the cache, but ONNX Runtime's
-    # CPU attention converts it back per step: 1.4-3x slower decode (docs/engine-performance.md).
+    # CPU attention converts it back every step: slower decode (docs/engine-performance.md).
     kv_dtype: str = "fp32"
 
     def graph_quant(self) -> str:
