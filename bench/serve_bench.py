@@ -268,9 +268,8 @@ class OurEngine:
         config.write_text("")
         cmd = [str(Path(sys.executable).with_name("edge-runtime")), "serve", "--config", str(config),
                "--model", str(model_dir), "--socket", str(sock), "--max-batch", str(args.max_batch),
-               "--max-context", str(args.max_context), "--threads", str(args.threads)]
-        if prefix_cache_mb:
-            cmd += ["--prefix-cache-mb", f"{prefix_cache_mb:g}"]
+               "--max-context", str(args.max_context), "--threads", str(args.threads),
+               "--prefix-cache-mb", f"{prefix_cache_mb:g}"]  # always: the engine's default is on
         server = Server(label, cmd, tmp / f"{label}.log")
         end = time.monotonic() + START_TIMEOUT_S
         while True:
