@@ -39,7 +39,7 @@ class OnnxRuntimeBackend:
         max_context: int | None = None,
         threads: int | None = None,
         providers: list[str] | None = None,
-        device: str = "cpu",
+        device: str = "cpu",  # where the KV cache lives: the device of the providers' session
     ) -> None:
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
