@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -49,7 +50,82 @@ def prompt_text(min_chars: int) -> str:
 def build_edge(gguf: Path, options: BuildOptions) -> Path:
     """Our model built from gguf with these options, cached under CACHE_DIR (the builder
     reuses a directory whose manifest matches)."""
-    return build(gguf, CACHE_DIR / "models" / f"{gguf.stem}-{options.graph_quant()}", options, quiet=True)
+    kv = "" if options.kv_dtype == BuildOptions().kv_dtype else f"-kv{options.kv_dtype}"
+    return build(gguf, CACHE_DIR / "models" / f"{gguf.stem}-{options.graph_quant()}{kv}", options, quiet=True)
+
+
+def edge_at_ref(ref: str, gguf: Path, tmp: Path) -> tuple[Path, Path, str]:
+    """(source tree, INT8 build, commit) of our engine as of git ref `ref`, exported to tmp and
+    built by that tree's own builder (into bench/.cache, keyed by the commit)."""
+    repo = BENCH_DIR.parent
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", ref], check=True, capture_output=True, text=True).stdout.strip()
+    tree = tmp / f"edge-{commit[:12]}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    out = CACHE_DIR / "models" / f"{gguf.stem}-at-{commit[:12]}"
+    code = "import sys; from pathlib import Path; from edge_runtime.builder.build import BuildOptions, build; " \
+           "build(Path(sys.argv[1]), Path(sys.argv[2]), BuildOptions(), quiet=True)"
+    # cwd=tree: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+    subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
+    return tree, out, commit
+
+
+ALLOW_DIRTY_ENV = "BENCH_ALLOW_DIRTY"  # set to 1 to measure an uncommitted tree (the result says so)
+
+
+def source_state() -> dict[str, object]:
+    """The commit measured and whether the tree differs from it (results under bench/results/
+    are outputs, not the code measured, so they do not count)."""
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", "-C", str(BENCH_DIR.parent), *argv], check=False, capture_output=True, text=True)
+        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()
+               if not line[3:].startswith("bench/results/")]
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(changed), "changed_files": changed}
+
+
+def require_committed_tree() -> dict[str, object]:
+    """source_state(), refusing (exit) to measure a dirty tree unless BENCH_ALLOW_DIRTY=1."""
+    state = source_state()
+    if state["dirty"] and os.environ.get(ALLOW_DIRTY_ENV) != "1":
+        sys.exit("refusing to benchmark an uncommitted tree (changed: " + ", ".join(state["changed_files"][:10])
+                 + f"); commit first, or set {ALLOW_DIRTY_ENV}=1 and the result will say it is dirty")
+    return state
+
+
+def source_line(state: dict[str, object]) -> str:
+    """The markdown line naming the code a result was measured on."""
+    line = f"Source: commit `{str(state['commit'])[:12]}`"
+    if state["dirty"]:
+        line += f", **with uncommitted changes** ({', '.join(state['changed_files'][:10])}; {ALLOW_DIRTY_ENV}=1)"
+    return line + "."
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """A process's resident set now (VmRSS) and its peak (VmHWM), from /proc: per process,
+    unlike ru_maxrss, which a child inherits from its parent across fork and exec."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth from one thread: the best of `repeats` numpy sums over a buffer
+    far larger than the caches (the bound decode speed is compared against)."""
+    import numpy as np
+
+    data = np.ones(mib * 2**20 // 8, dtype=np.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
 
 
 def _cpuinfo_field(name: str) -> str:
@@ -100,7 +176,10 @@ def cpu_busy(seconds: float = 2.0) -> float:
 
 
 def machine_info() -> dict[str, object]:
+    """Facts about the machine and the code measured; refuses a dirty tree (see
+    require_committed_tree), so every script checks before it measures anything."""
     return {
+        "source": require_committed_tree(),
         "cpu_model": _cpuinfo_field("model name"),
         "cpu_flags_avx512_vnni": "avx512_vnni" in _cpuinfo_field("flags").split(),
         "logical_cpus": os.cpu_count(),
@@ -120,7 +199,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 
 def write_results(path: Path, data: dict[str, object], markdown: str) -> None:
-    """path (JSON) and the markdown summary beside it (same name, .md)."""
+    """path (JSON) and the markdown summary beside it (same name, .md), both naming the
+    commit measured (from data["machine"]["source"] when the script recorded it at start)."""
+    machine = data.get("machine")
+    state = machine.get("source") if isinstance(machine, dict) and "source" in machine else source_state()
+    data = {**data, "source": state}
+    markdown = markdown.rstrip("\n") + "\n\n" + source_line(state) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown)

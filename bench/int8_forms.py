@@ -1,9 +1,12 @@
-"""Our INT8 forms side by side: builds a GGUF as "nbits" (MatMulNBits, block-wise int8 with
-int8 activations), "dq" (DynamicQuantizeMatMul, per-channel weights, per-tensor activations)
-and fp32, and reports for each the decode speed (batch 1), the prefill speed and how far its
-next-token distributions are from the fp32 build's (mean KL divergence over every position
-of a fixed prompt, and how often the argmax agrees). One form's session at a time: ONNX
-Runtime's intra-op threads spin after each run, so sessions taking turns slow each other.
+"""Our quantized forms side by side: builds a GGUF as "nbits" (MatMulNBits, block-wise int8
+with int8 activations), "dq" (DynamicQuantizeMatMul, per-channel weights, per-tensor
+activations), "int4" (4-bit MatMulNBits, 8-bit embedding and lm_head), "int4-head4" (the
+lm_head in 4 bits too) and fp32, and reports for each the decode speed (batch 1), the prefill
+speed and how far its next-token distributions are from the fp32 build's (mean KL divergence
+over every position of a fixed prompt of real text, and how often the argmax agrees), with
+llama.cpp's (llama-cpp-python, when installed) on the GGUF itself beside them. One form's
+session at a time: ONNX Runtime's intra-op threads spin after each run, so sessions taking
+turns slow each other.
 
     python bench/int8_forms.py [--threads 2] [--prompt-tokens 128] [--decode-tokens 64]
         [--kl-tokens 64] [--out bench/results/int8_forms.json]
@@ -24,7 +27,8 @@ from edge_runtime.builder.build import BuildOptions
 from edge_runtime.tokenizer import Tokenizer
 
 FORMS = {"fp32": BuildOptions(quant="fp32"), "nbits": BuildOptions(int8_form="nbits"),
-         "dq": BuildOptions(int8_form="dq")}
+         "dq": BuildOptions(int8_form="dq"), "int4": BuildOptions(quant="int4"),
+         "int4-head4": BuildOptions(quant="int4", int4_head_bits=4)}
 REFERENCE = "fp32"
 
 
@@ -95,15 +99,32 @@ def measure(model_dir: Path, ids: np.ndarray, args: argparse.Namespace) -> tuple
     return speeds, all_logits(be, ids[: args.kl_tokens])
 
 
+def llama_cpp_logits(gguf: Path, ids: np.ndarray, threads: int) -> np.ndarray | None:
+    """llama.cpp's logits at every position of ids, on the GGUF as it is (None when
+    llama-cpp-python is not installed). One token per eval: llama-cpp-python 0.3.36 crashes
+    keeping every position's logits of a batched eval (logits_all)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + 8, n_threads=threads, verbose=False)
+    out = []
+    for token in ids:
+        llm.eval([int(token)])
+        out.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy())
+    return np.stack(out)
+
+
 def markdown(report: dict[str, object]) -> str:
     m, s, results = report["machine"], report["settings"], report["results"]
-    rows = [[name, f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['mean_kl']:.5f}",
+    rows = [[name, f"{r['prefill_tok_s']:.0f}" if "prefill_tok_s" in r else "-",
+             f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-", f"{r['mean_kl']:.5f}",
              f"{r['max_kl']:.4f}", f"{100 * r['top1_agreement']:.1f}%", f"{r['model_mb']:.0f}"]
             for name, r in results.items()]
     headers = ["form", f"prefill tok/s ({s['prompt_tokens']} tok)", "decode tok/s (batch 1)",
                f"mean KL vs fp32 ({s['kl_tokens']} pos)", "max KL", "top-1 agrees", "model MB"]
     return "\n".join([
-        "# Our INT8 forms vs fp32", "",
+        "# Our quantized forms vs fp32", "",
         f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable CPUs, {m['mem_total_gib']} GiB "
         f"({100 * m['cpu_busy_at_start']:.0f}% busy with other work at start, "
         f"{100 * report['cpu_busy_with_other_work']:.0f}% while measuring).", "",
@@ -111,6 +132,9 @@ def markdown(report: dict[str, object]) -> str:
         f"Model: `{Path(s['gguf']).name}`, {s['threads']} threads, median of {s['repeats']} repeats "
         f"({s['decode_tokens']} decode steps each) after a warm-up.", "",
         benchlib.markdown_table(headers, rows), "",
+        "The fp32 reference is our fp32 build of the same GGUF, whose weights are already Q4_1: llama.cpp on "
+        "that GGUF computes with exactly these weights (its KL is its arithmetic alone), while our forms "
+        "requantise them. Speeds of llama.cpp are in llm_bench.", "",
     ])
 
 
@@ -133,6 +157,9 @@ def main() -> None:
         name: {**speeds, **divergence(reference, logits), "model_mb": _size_mb(dirs[name])}
         for name, (speeds, logits) in measured.items()
     }
+    theirs = llama_cpp_logits(gguf, ids[: args.kl_tokens], args.threads)
+    if theirs is not None:
+        results[f"llama.cpp {gguf.stem.rsplit('.', 1)[-1]}"] = {**divergence(reference, theirs), "model_mb": gguf.stat().st_size / 2**20}
     report = {
         "command": benchlib.command_line(),
         "machine": machine,

@@ -268,9 +268,8 @@ class OurEngine:
         config.write_text("")
         cmd = [str(Path(sys.executable).with_name("edge-runtime")), "serve", "--config", str(config),
                "--model", str(model_dir), "--socket", str(sock), "--max-batch", str(args.max_batch),
-               "--max-context", str(args.max_context), "--threads", str(args.threads)]
-        if prefix_cache_mb:
-            cmd += ["--prefix-cache-mb", f"{prefix_cache_mb:g}"]
+               "--max-context", str(args.max_context), "--threads", str(args.threads),
+               "--prefix-cache-mb", f"{prefix_cache_mb:g}"]  # always: the engine's default is on
         server = Server(label, cmd, tmp / f"{label}.log")
         end = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -429,7 +428,8 @@ async def throughput(engine: Engine, prompts: list[list[int]], args: argparse.Na
         summary = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
         # The worst kept round: a block is only as clean as its most disturbed round.
         others = max(r["cpu_busy_with_other_work"] for r in rounds)
-        summary.update(streams=n, rounds=rounds, cpu_busy_with_other_work=others, discarded_rounds=discarded)
+        summary.update(streams=n, rounds=rounds, cpu_busy_with_other_work=others, discarded_rounds=discarded,
+                       rss_mb_after=benchlib.rss_mb(engine.server.proc.pid))
         print(f"{engine.name}: {n:2d} streams: {summary['decode_tok_s']:.1f} tok/s aggregate, "
               f"{summary['per_stream_tok_s']:.1f} per stream, mean TTFT {1000 * summary['mean_ttft_s']:.0f} ms, "
               f"other work {100 * others:.0f}%", file=sys.stderr, flush=True)
@@ -559,15 +559,6 @@ async def measure(args: argparse.Namespace, gguf: Path, model_dir: Path, tok: To
     return report
 
 
-def code_state() -> dict[str, Any]:
-    """The commit measured, and the files of the engine that differ from it (read-only git)."""
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", "-C", str(benchlib.BENCH_DIR.parent), *argv], check=False, capture_output=True, text=True)
-        return done.stdout.rstrip("\n") if done.returncode == 0 else ""
-    changed = git("status", "--porcelain", "--", "edge_runtime").splitlines()
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "edge_runtime_changed_files": [c[3:] for c in changed]}
-
-
 def _llama_version(binary: Path) -> str:
     done = subprocess.run([str(binary), "--version"], check=False, capture_output=True, text=True)
     return " ".join((done.stdout + done.stderr).split())[:200]
@@ -605,7 +596,7 @@ def throughput_table(report: dict[str, Any]) -> str:
     base = {r["streams"]: r for r in report["throughput"].get(BASELINE, [])}
     headers = ["streams", "ours tok/s", "llama.cpp tok/s", "ours / llama.cpp", "ours vs 1 stream",
                "per-stream tok/s ours / llama.cpp", "mean TTFT ms ours / llama.cpp",
-               "end-to-end tok/s ours / llama.cpp", "other work ours / llama.cpp"]
+               "end-to-end tok/s ours / llama.cpp", "RSS MB after ours / llama.cpp", "other work ours / llama.cpp"]
     one = ours.get(1)
     rows = []
     for n in sorted(ours):
@@ -620,6 +611,7 @@ def throughput_table(report: dict[str, Any]) -> str:
             f"{o['decode_tok_s'] / b['decode_tok_s']:.2f}x" if b else "-",
             f"{o['decode_tok_s'] / one['decode_tok_s']:.2f}x" if one else "-",
             pair("per_stream_tok_s"), pair("mean_ttft_s", 1000, 0), pair("end_to_end_tok_s"),
+            f"{o['rss_mb_after']['VmRSS']:.0f}" + (f" / {b['rss_mb_after']['VmRSS']:.0f}" if b else ""),
             f"{100 * o['cpu_busy_with_other_work']:.0f}%" + (f" / {100 * b['cpu_busy_with_other_work']:.0f}%" if b else ""),
         ])
     return benchlib.markdown_table(headers, rows)
@@ -663,9 +655,6 @@ def markdown(report: dict[str, Any]) -> str:
         f"({100 * m['cpu_busy_at_start']:.0f}% busy with other work at start; \"other work\" is the share of the "
         "CPUs busy with anything but the server and this client while it ran)."), "",
         f"Command: `{report['command']}`", "",
-        f"Code: commit `{report['code']['commit'][:12]}`"
-        + (f" with {len(report['code']['edge_runtime_changed_files'])} uncommitted file(s) under `edge_runtime/`"
-           if report["code"]["edge_runtime_changed_files"] else "") + ".", "",
         (f"Before each measured block the harness waited (up to {s['wait_idle_s']:g} s) for other work to stay under "
          f"{100 * BUSY:.0f}% of the CPUs, and measured again any round (or TTFT pair) during which it did not "
          f"({discards(report)} discarded in all); \"other work\" columns give the most that any kept round saw."), "",
@@ -679,7 +668,8 @@ def markdown(report: dict[str, Any]) -> str:
         "tokens with EOS ignored; all streams sent at once. Median of "
         f"{s['repeats']} rounds after a warm-up round. \"tok/s\" is the aggregate decode rate: tokens arriving while "
         "every stream was decoding (last stream's first token to first stream's last token) / that window. "
-        "\"End-to-end\" is all tokens / (last token - send), prefill included."), "",
+        "\"End-to-end\" is all tokens / (last token - send), prefill included. \"RSS MB after\" is the server "
+        "process's resident set (VmRSS) once that level's rounds are done."), "",
         throughput_table(report), "",
         f"## (b) Time to first token with a cached {p['system_turn_tokens']}-token system prompt", "",
         (f"Chat requests ({p['cached_request_tokens'][0]} tokens: the templated system turn plus a new user question "
@@ -719,7 +709,6 @@ def run(args: argparse.Namespace) -> None:
     report = {
         "command": benchlib.command_line(),
         "machine": machine,
-        "code": code_state(),
         "settings": {"gguf": str(gguf), "model_dir": str(model_dir), "threads": args.threads,
                      "streams": args.stream_counts, "max_batch": args.max_batch, "max_context": args.max_context,
                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,

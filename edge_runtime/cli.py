@@ -43,11 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build a GGUF file or HF checkpoint directory into an ONNX model directory")
     b.add_argument("source", type=Path)
     b.add_argument("-o", "--output", type=Path, required=True)
-    b.add_argument("--quant", choices=("int8", "fp32"), default="int8")
+    b.add_argument("--quant", choices=("int8", "int4", "fp32"), default="int8")
     b.add_argument("--flavour", choices=tuple(FLAVOURS), default="ort",
                    help="ort: ONNX Runtime's fused operators (CPU); tensorrt: standard operators with Q/DQ INT8 (docs/jetson.md)")
     b.add_argument("--int8-form", choices=(*INT8_FORMS, "qdq"),
                    help=f"INT8 weight form (default: {DEFAULT_INT8_FORM} for ort; tensorrt takes only qdq)")
+    b.add_argument("--kv-dtype", choices=("fp32", "fp16"), default="fp32", help="KV cache element type (fp16: half the memory, slower on CPU)")
     b.add_argument("--arch", choices=ARCHITECTURES, help="expected architecture (default: read from the checkpoint)")
     b.add_argument("--max-context", type=int)
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             options = BuildOptions(quant=args.quant, int8_form=args.int8_form, arch=args.arch, max_context=args.max_context,
-                                   flavour=args.flavour)
+                                   flavour=args.flavour, kv_dtype=args.kv_dtype)
             print(build(args.source, args.output, options))
         elif args.command == "generate":
             _sampling(args)  # validate before loading the model

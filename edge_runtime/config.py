@@ -31,7 +31,8 @@ class EngineConfig(Table):
     socket_path: Annotated[Text | None, Meta(
         description="default: $RUNTIME_DIRECTORY/engine.sock under systemd",
         examples=["/run/edge-runtime/engine.sock"])] = None
-    max_batch: Annotated[int, Meta(ge=1, le=1024, description="sequences decoded together (KV slots)")] = 4
+    max_batch: Annotated[int, Meta(ge=1, le=1024, description=(
+        "sequences decoded together (KV slots; KV memory grows only with the tokens held)"))] = 8
     max_context: Annotated[Annotated[int, Meta(ge=2)] | None, Meta(
         description="tokens per slot (default: the model's)", examples=[2048])] = None
     threads: Annotated[Annotated[int, Meta(ge=1, le=1024)] | None, Meta(
@@ -41,7 +42,8 @@ class EngineConfig(Table):
     trt_workspace_mb: Annotated[int, Meta(ge=1, description="TensorRT's scratch memory limit (device tensorrt)")] = 1024
     queue_size: Annotated[int, Meta(ge=1, description="requests waiting for a slot before the engine answers busy")] = 64
     prefill_chunk: Annotated[int, Meta(ge=1, description="prompt tokens prefilled per step")] = 256
-    prefix_cache_mb: Annotated[float, Meta(ge=0, description="prefix KV cache budget; 0: off")] = 0.0
+    prefix_cache_mb: Annotated[float, Meta(ge=0, description=(
+        "prefix KV cache budget; 0: off (sizing: docs/engine-performance.md)"))] = 64.0
     prefix_block: Annotated[int, Meta(ge=1, le=4096, description="tokens per prefix-cache block")] = 32
     warmup_prompts: Annotated[tuple[WarmupPrompt, ...], Meta(
         description='prefixes cached at start: "raw text" or {system = "..."}')] = ()

@@ -13,7 +13,7 @@ import numpy as np
 from edge_runtime.backends.base import Backend
 from edge_runtime.errors import ContextLengthExceeded, InvalidRequest
 from edge_runtime.grammar import Constraint, ConstraintError
-from edge_runtime.sampling import Sampler, SamplingParams
+from edge_runtime.sampling import Sampler, SamplingParams, sample_batch
 from edge_runtime.tokenizer import IncrementalDecoder, Tokenizer
 from edge_runtime.tools import ToolCallDelta, ToolCallParser
 
@@ -104,7 +104,7 @@ class SequenceStream:
                  max_context: int, constraint: Constraint | None = None, tool_parser: ToolCallParser | None = None) -> None:
         self.start = time.perf_counter()
         self.prompt_tokens = len(prompt_ids)
-        self._sampler = Sampler(params, vocab_size, prompt_ids)
+        self.sampler = Sampler(params, vocab_size, prompt_ids)
         self._decoder = IncrementalDecoder(tokenizer)
         self._matcher = StopMatcher(params.stop)
         self._constraint = constraint
@@ -118,12 +118,16 @@ class SequenceStream:
         self.ttft = 0.0
 
     def step(self, logits: np.ndarray) -> GenerationChunk:
-        """Sample the next token; the chunk's finish_reason is set when this ends the sequence."""
-        try:
-            allowed = self._constraint.allowed() if self._constraint else None
-        except ConstraintError as exc:
-            return self.final(NO_TOKEN, f"grammar error: {exc}", None, "error")
-        token, logprob = self._sampler.sample(logits, allowed)
+        """Sample the next token from logits [vocab] (left unchanged); the chunk's
+        finish_reason is set when this ends the sequence."""
+        return step_batch([self], np.array(logits, dtype=np.float32)[None])[0]
+
+    def allowed(self) -> np.ndarray | None:
+        """The grammar's mask for the next token (None without one); raises ConstraintError."""
+        return self._constraint.allowed() if self._constraint else None
+
+    def advance(self, token: int, logprob: float | None) -> GenerationChunk:
+        """Take the sampled token: detokenize, check the stops, the grammar and the budget."""
         self.generated += 1
         if self.generated == 1:
             self.ttft = time.perf_counter() - self.start
@@ -167,6 +171,24 @@ class SequenceStream:
         """Everything still held by the decoder and the stop matcher, at the end of output."""
         text, stopped = self._matcher.push(self._decoder.flush())
         return (text, True) if stopped else (text + self._matcher.flush(), False)
+
+
+def step_batch(streams: Sequence[SequenceStream], logits: np.ndarray) -> list[GenerationChunk]:
+    """The next chunk of every stream, stream i sampling from row i of logits [n, vocab]
+    (overwritten), all rows in one batched sampler call."""
+    chunks: list[GenerationChunk | None] = [None] * len(streams)
+    rows, allowed = [], []
+    for i, stream in enumerate(streams):
+        try:
+            allowed.append(stream.allowed())
+            rows.append(i)
+        except ConstraintError as exc:
+            chunks[i] = stream.final(NO_TOKEN, f"grammar error: {exc}", None, "error")
+    if rows:
+        picked = sample_batch([streams[i].sampler for i in rows], logits if len(rows) == len(streams) else logits[rows], allowed)
+        for i, (token, logprob) in zip(rows, picked):
+            chunks[i] = streams[i].advance(token, logprob)
+    return chunks  # type: ignore[return-value]  # every entry is set above
 
 
 def check_prompt(prompt_ids: list[int], vocab_size: int, max_context: int) -> None:

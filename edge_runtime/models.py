@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from .builder.build import BuildOptions, build
 from .errors import CheckpointError

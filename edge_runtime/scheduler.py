@@ -17,7 +17,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import EdgeRuntimeError
-from .generate import NO_TOKEN, GenerationChunk, SequenceStream, check_prompt
+from .generate import NO_TOKEN, GenerationChunk, SequenceStream, check_prompt, step_batch
 from .grammar import Constraint
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
@@ -173,7 +173,7 @@ class Scheduler:
             "kv": {
                 "slots": self.backend.max_batch,
                 "max_context": self.backend.max_context,
-                "bytes_reserved": self.backend.max_batch * self.backend.max_context * per_token,
+                "bytes_allocated": self.backend.kv_bytes_allocated(),
                 "tokens_used": used_tokens,
                 "bytes_used": used_tokens * per_token,
             },
@@ -264,8 +264,8 @@ class Scheduler:
             if decoding:
                 logits = self.backend.decode([s.slot for s in decoding], [s.next_token for s in decoding])
                 self._throughput.add(len(decoding))
-                for seq, row in zip(decoding, logits):
-                    self._emit(seq, seq.stream.step(row))
+                for seq, chunk in zip(decoding, step_batch([s.stream for s in decoding], logits)):
+                    self._emit(seq, chunk)
         except Exception as exc:  # a backend failure ends the sequences it touched, not the engine
             log.exception("engine step failed")
             with self._lock:

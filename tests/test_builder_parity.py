@@ -8,15 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from logit_metrics import mean_kl
 
 from edge_runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_runtime.builder.build import BuildOptions, build
-from logit_metrics import mean_kl
 
 ARCHS = ("llama", "qwen2", "glm", "glm4")
 FLAVOURS = ("ort", "tensorrt")
 # INT8 measure: mean over positions of KL(reference || ours) of the next-token distribution.
 INT8_MAX_MEAN_KL = 1e-4  # random models have flat distributions: the KL is ~1e-6
+INT4_MAX_MEAN_KL = 1e-3  # 16 levels a block: the KL is ~1e-4 to 4e-4, ~100x INT8's
 
 
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -40,7 +41,10 @@ def our_logits(backend: OnnxRuntimeBackend, ids: np.ndarray) -> np.ndarray:
 def builds(tiny_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("builds")
     return {
-        (arch, quant, flavour): build(ckpt, out / f"{arch}-{quant}-{flavour}", BuildOptions(quant=quant, flavour=flavour), quiet=True)
+        # fp32 with the default fp32 KV cache (exact parity); ort INT8 with an fp16 cache (its KL bound
+        # covers it); the tensorrt flavour keeps its cache in fp32.
+        (arch, quant, flavour): build(ckpt, out / f"{arch}-{quant}-{flavour}", BuildOptions(
+            quant=quant, flavour=flavour, kv_dtype="fp16" if quant != "fp32" and flavour == "ort" else "fp32"), quiet=True)
         for arch, (ckpt, _) in tiny_checkpoints.items()
         for quant in ("fp32", "int8")
         for flavour in FLAVOURS
@@ -68,6 +72,20 @@ def test_int8_stays_close_to_reference(arch, flavour, tiny_checkpoints, builds):
     print(f"{arch} {flavour} int8 mean KL {kl:.2e}")
     assert kl < INT8_MAX_MEAN_KL
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("head_bits", (8, 4))
+@pytest.mark.parametrize("arch", ("llama", "glm"))
+def test_int4_stays_close_to_reference(arch, head_bits, tiny_checkpoints, tmp_path):
+    ckpt, ref_model = tiny_checkpoints[arch]
+    model_dir = build(ckpt, tmp_path / "int4", BuildOptions(quant="int4", int4_head_bits=head_bits), quiet=True)
+    ids = np.random.default_rng(4).integers(0, 320, 20)
+    ref = reference_logits(ref_model, ids)
+    ours = our_logits(OnnxRuntimeBackend(model_dir, max_batch=2), ids)
+    kl = mean_kl(ref, ours)
+    print(f"{arch} int4 (head {head_bits} bits) mean KL {kl:.2e}")
+    assert kl < INT4_MAX_MEAN_KL
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.6
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)

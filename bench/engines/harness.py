@@ -48,7 +48,15 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak resident set (VmHWM): ru_maxrss would carry the parent's
+    high-water mark across fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (no /proc elsewhere)
 
 
 def summarize(name: str, engine: Engine, prompt_ids: list[int], runs: list[Run]) -> dict[str, object]:

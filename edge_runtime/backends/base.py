@@ -1,5 +1,6 @@
 """The interface every backend implements: a pool of KV-cache slots, prefill into a slot,
-decode one step for a batch of slots, free a slot."""
+decode one step for a batch of slots, free a slot. A slot costs memory only for the tokens
+it holds."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class Backend(Protocol):
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV state one token takes (all layers, keys and values)."""
+
+    def kv_bytes_allocated(self) -> int:
+        """Bytes the KV cache holds now (it grows with the tokens held and shrinks as
+        sequences end)."""
 
     def export_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         """A copy of the slot's KV state for positions [start, end):

@@ -1,7 +1,7 @@
-"""ONNX Runtime backend: runs the built decoder with the KV cache held in one preallocated
-buffer per layer ([slots, kv_heads, max_context, head_dim]). Past and present are bound to
-the same buffer, so GroupQueryAttention appends new keys/values in place and no step copies
-the cache."""
+"""ONNX Runtime backend: runs the built decoder with the KV cache on the session's device
+(backends/kv_store.py: tensors that grow with the tokens held). Past and present are bound to
+the same device memory, so GroupQueryAttention appends new keys/values in place: no step
+copies the cache, and only token ids go in and logits come out."""
 
 from __future__ import annotations
 
@@ -14,17 +14,20 @@ from ..builder.spec import ModelSpec
 from ..errors import CheckpointError, ContextLengthExceeded
 from ..manifest import read_manifest
 from ..memory import release_free_heap
+from .kv_store import KVStore
 from .providers import CPU, DevicePlan
+
+_KV_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
 
 
 class OnnxRuntimeBackend:
     def __init__(
         self,
         model_dir: Path,
-        max_batch: int = 4,
+        max_batch: int = 8,
         max_context: int | None = None,
         threads: int | None = None,
-        device: DevicePlan = CPU,  # providers.plan_device: explicit, checked before loading
+        device: DevicePlan = CPU,  # providers.plan_device: explicit, checked before loading; the KV cache lives there too
     ) -> None:
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
@@ -41,12 +44,13 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.session = device.open_session(model_dir / manifest["model_file"], options)
-        shape = (max_batch, self.spec.num_kv_heads, self.max_context, self.spec.head_dim)
-        # np.zeros maps lazily: pages become resident only as the cache fills.
-        self._cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.spec.num_layers)]
+        kv_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        self.kv = KVStore(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, _KV_TYPES[kv_type],
+                          self.max_context, device.device)
         self._lens = [0] * max_batch
         self._in_use = [False] * max_batch
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._bindings_generation = -1
 
     # -- slots --------------------------------------------------------------------------
 
@@ -61,6 +65,9 @@ class OnnxRuntimeBackend:
     def free(self, slot: int) -> None:
         self._in_use[slot] = False
         self._lens[slot] = 0
+        used = [row for row, in_use in enumerate(self._in_use) if in_use]
+        rows = used[-1] + 1 if used else 0
+        self.kv.fit(rows, max((self._lens[row] + 1 for row in used), default=0))
 
     def seq_len(self, slot: int) -> int:
         return self._lens[slot]
@@ -68,18 +75,20 @@ class OnnxRuntimeBackend:
     # -- KV state (prefix cache) ---------------------------------------------------------
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * 4
+        return self.kv.bytes_per_token()
+
+    def kv_bytes_allocated(self) -> int:
+        return self.kv.bytes_allocated()
 
     def export_kv(self, slot: int, start: int, end: int) -> np.ndarray:
-        return np.stack([np.stack([k[slot, :, start:end], v[slot, :, start:end]]) for k, v in self._cache])
+        return self.kv.export(slot, start, end)
 
     def import_kv(self, slot: int, kv: np.ndarray) -> None:
         start, n = self._lens[slot], kv.shape[3]
         if start + n > self.max_context:
             raise ContextLengthExceeded(start + n, self.max_context)
-        for (k, v), layer in zip(self._cache, kv):
-            k[slot, :, start : start + n] = layer[0]
-            v[slot, :, start : start + n] = layer[1]
+        self.kv.reserve(slot + 1, start + n)
+        self.kv.write(slot, start, kv)
         self._lens[slot] = start + n
 
     # -- forward ------------------------------------------------------------------------
@@ -89,7 +98,8 @@ class OnnxRuntimeBackend:
         start, n = self._lens[slot], ids.shape[1]
         if start + n > self.max_context:
             raise ContextLengthExceeded(start + n, self.max_context)
-        logits = self._run(slice(slot, slot + 1), ids, np.array([start + n - 1], np.int32), np.array([n - 1]))
+        self.kv.reserve(slot + 1, start + n)
+        logits = self._run(slot, slot + 1, ids, np.array([start + n - 1], np.int32), np.array([n - 1]))
         self._lens[slot] = start + n
         return logits[0, 0]
 
@@ -99,7 +109,8 @@ class OnnxRuntimeBackend:
         start, n = self._lens[slot], ids.shape[1]
         if start + n > self.max_context:
             raise ContextLengthExceeded(start + n, self.max_context)
-        logits = self._run(slice(slot, slot + 1), ids, np.array([start + n - 1], np.int32), np.arange(n))
+        self.kv.reserve(slot + 1, start + n)
+        logits = self._run(slot, slot + 1, ids, np.array([start + n - 1], np.int32), np.arange(n))
         self._lens[slot] = start + n
         return logits[0]
 
@@ -113,37 +124,41 @@ class OnnxRuntimeBackend:
             if self._lens[slot] >= self.max_context:
                 raise ContextLengthExceeded(self._lens[slot] + 1, self.max_context)
             ids[slot, 0] = tok
-        logits = self._run(slice(0, rows), ids, seqlens, np.array([0]))
+        self.kv.reserve(rows, int(seqlens.max()) + 1)
+        logits = self._run(0, rows, ids, seqlens, np.array([0]))
         for slot in slots:
             self._lens[slot] += 1
         return logits[slots, 0]
 
-    def _run(self, rows: slice, ids: np.ndarray, seqlens_k: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
-        binding = self._binding(rows)
+    def _run(self, first: int, end: int, ids: np.ndarray, seqlens_k: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        binding = self._binding(first, end)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("seqlens_k", seqlens_k)
         binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, np.int32))
         binding.bind_cpu_input("logits_index", logits_index.astype(np.int64))
-        binding.bind_output("logits")  # unallocated again: its shape changes between runs
+        binding.bind_output("logits")  # to host memory, unallocated: its shape changes between runs
         self.session.run_with_iobinding(binding)
         # get_outputs()[0] is logits (bound first); copy_outputs_to_cpu would copy the KV too.
         return np.array(binding.get_outputs()[0].numpy(), copy=True)
 
-    def _binding(self, rows: slice) -> ort.IOBinding:
-        """An IO binding with the KV buffers of these rows bound as past and present (the same
-        memory), made once per row range: rebinding 2 x layers tensors every step costs more
-        than a small model's attention."""
-        key = (rows.start, rows.stop)
-        binding = self._bindings.get(key)
+    def _binding(self, first: int, end: int) -> ort.IOBinding:
+        """An IO binding with the KV tensors' rows [first, end) bound as past and present (the
+        same device memory), made once per row range and cache layout: rebinding 2 x layers
+        tensors every step costs more than a small model's attention."""
+        if self._bindings_generation != self.kv.generation:  # resized: the old addresses are gone
+            self._bindings.clear()
+            self._bindings_generation = self.kv.generation
+        binding = self._bindings.get((first, end))
         if binding is None:
             binding = self.session.io_binding()
             binding.bind_output("logits")
-            for i, (k, v) in enumerate(self._cache):
-                k_val = ort.OrtValue.ortvalue_from_numpy(k[rows])
-                v_val = ort.OrtValue.ortvalue_from_numpy(v[rows])
-                binding.bind_ortvalue_input(f"past_key_values.{i}.key", k_val)
-                binding.bind_ortvalue_input(f"past_key_values.{i}.value", v_val)
-                binding.bind_ortvalue_output(f"present.{i}.key", k_val)
-                binding.bind_ortvalue_output(f"present.{i}.value", v_val)
-            self._bindings[key] = binding
+            kv = self.kv
+            shape, offset = kv.shape(end - first), first * kv.row_bytes()
+            for i in range(kv.layers):
+                k_ptr, v_ptr = kv.pointers(i)
+                for name, ptr in ((f"past_key_values.{i}.key", k_ptr), (f"past_key_values.{i}.value", v_ptr)):
+                    binding.bind_input(name, kv.device, 0, kv.dtype, shape, ptr + offset)
+                for name, ptr in ((f"present.{i}.key", k_ptr), (f"present.{i}.value", v_ptr)):
+                    binding.bind_output(name, kv.device, 0, kv.dtype, shape, ptr + offset)
+            self._bindings[(first, end)] = binding
         return binding

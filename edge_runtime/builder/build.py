@@ -20,7 +20,7 @@ import onnx
 from ..errors import CheckpointError
 from ..manifest import MANIFEST, read_manifest
 from .checkpoint import Checkpoint, checksum, files_sha256, load_checkpoint
-from .onnx_graph import build_graph
+from .onnx_graph import KV_DTYPES, build_graph
 from .quantize import INT8_FORMS
 from .tokenizer_export import export_tokenizer
 from .trt_graph import build_trt_graph
@@ -28,31 +28,43 @@ from .trt_graph import build_trt_graph
 BUILDER_VERSION = 1
 DEFAULT_INT8_FORM = "nbits"  # as fast as "dq" and far closer to fp32: bench/int8_forms.py
 DEFAULT_MAX_CONTEXT = 8192
-# Graph flavour -> (graph writer, its INT8 forms, the default one). "ort": ONNX Runtime's fused
-# contrib operators; "tensorrt": standard operators with Q/DQ INT8 (trt_graph.py).
+# Graph flavour -> (graph writer, its weight forms beside fp32, the default INT8 one). "ort": ONNX
+# Runtime's fused contrib operators; "tensorrt": standard operators with Q/DQ INT8 (trt_graph.py).
 FLAVOURS = {
     "ort": (build_graph, INT8_FORMS, DEFAULT_INT8_FORM),
     "tensorrt": (build_trt_graph, ("qdq",), "qdq"),
 }
+DEFAULT_INT4_HEAD_BITS = 8
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    quant: str = "int8"  # "int8" | "fp32"
+    quant: str = "int8"  # "int8" | "int4" | "fp32"
     int8_form: str | None = None  # None: the flavour's default
+    int4_head_bits: int = DEFAULT_INT4_HEAD_BITS  # the lm_head's bits in an INT4 build: 8 | 4
     arch: str | None = None
     max_context: int | None = None  # None: the checkpoint's, capped at DEFAULT_MAX_CONTEXT
     flavour: str = "ort"
+    # The KV cache's element type: "fp32" | "fp16". fp16 halves the cache, but ONNX Runtime's
+    # CPU attention converts it back every step: slower decode (docs/engine-performance.md).
+    kv_dtype: str = "fp32"
 
     def graph_quant(self) -> str:
         if self.flavour not in FLAVOURS:
             raise CheckpointError(f"unknown graph flavour {self.flavour!r} (known: {', '.join(FLAVOURS)})")
+        if self.kv_dtype not in KV_DTYPES:
+            raise CheckpointError(f"unknown KV cache type {self.kv_dtype} (known: {', '.join(KV_DTYPES)})")
+        if self.flavour == "tensorrt" and self.kv_dtype != "fp32":
+            raise CheckpointError("the tensorrt flavour keeps its KV cache in fp32 (TensorRT picks its own precision)")
         if self.quant == "fp32":
             return "fp32"
+        if self.quant == "int4" and self.flavour == "ort" and self.int4_head_bits in (4, 8):
+            return "int4" if self.int4_head_bits == 8 else "int4-head4"
         _, forms, default = FLAVOURS[self.flavour]
         form = self.int8_form or default
         if self.quant != "int8" or form not in forms:
-            raise CheckpointError(f"unknown quantization {self.quant}/{form} for the {self.flavour} flavour (INT8 forms: {', '.join(forms)})")
+            raise CheckpointError(f"unknown quantization {self.quant}/{form} for the {self.flavour} flavour "
+                                  f"(INT8 forms: {', '.join(forms)}; int4 for the ort flavour)")
         return form
 
 
@@ -79,7 +91,8 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
         raise CheckpointError(f"{source}: no such file or directory")
     digest = checksum(source, None if quiet else _progress(f"hashing {source.name}"))
     key = {"source_sha256": digest, "quant": graph_quant, "arch": options.arch,
-           "max_context": options.max_context, "flavour": options.flavour, "builder_version": BUILDER_VERSION}
+           "max_context": options.max_context, "flavour": options.flavour, "kv_dtype": options.kv_dtype,
+           "builder_version": BUILDER_VERSION}
     existing = read_manifest(out_dir)
     if existing and existing.get("build_key") == key and (out_dir / existing["model_file"]).exists():
         return out_dir
@@ -113,7 +126,7 @@ def write_model(ckpt: Checkpoint, out_dir: Path, options: BuildOptions, max_cont
     """Write the graph of `ckpt` (model.onnx + model.onnx.data) into out_dir; returns the
     manifest entries that describe it."""
     quant = options.graph_quant()
-    model = FLAVOURS[options.flavour][0](ckpt, quant, max_context, progress)
+    model = FLAVOURS[options.flavour][0](ckpt, quant, max_context, progress, options.kv_dtype)
     onnx.save_model(model, out_dir / "model.onnx", save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     return {
@@ -123,6 +136,7 @@ def write_model(ckpt: Checkpoint, out_dir: Path, options: BuildOptions, max_cont
         # Names the graph in TensorRT engine-cache paths (backends/providers.py).
         "graph_sha256": files_sha256([out_dir / "model.onnx", out_dir / "model.onnx.data"]),
         "max_context": max_context,
+        "kv_dtype": options.kv_dtype,
         "spec": ckpt.spec.to_dict(),
     }
 

@@ -258,7 +258,24 @@ def _gguf_spec(path: Path, reader, arch: str | None) -> ModelSpec:
         max_context=int(key("context_length", 4096)),
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         tie_word_embeddings="output.weight" not in tensor_names,
+        rope_scaling=_gguf_rope_scaling(path, reader, key),
     )
+
+
+def _gguf_rope_scaling(path: Path, reader, key: Callable[..., Any]) -> dict[str, Any]:
+    """Rope scaling as a GGUF states it: Llama 3.1/3.2 converters store the per-frequency
+    divisors as the tensor rope_freqs.weight (not as metadata); linear scaling is metadata.
+    Anything else is refused rather than built with wrong positions."""
+    kind = key("rope.scaling.type", "none")
+    scaling: dict[str, Any] = {}
+    if kind == "linear":
+        scaling["linear_factor"] = float(key("rope.scaling.factor"))
+    elif kind not in ("none", ""):
+        raise CheckpointError(f"{path}: unsupported rope scaling type {kind!r} (supported: none, linear, and Llama 3's rope_freqs)")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        scaling["freq_factors"] = [float(x) for x in np.asarray(freqs.data, dtype=np.float32).reshape(-1)]
+    return scaling
 
 
 def _gguf_names(spec: ModelSpec) -> dict[str, str]:

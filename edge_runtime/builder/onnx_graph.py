@@ -18,8 +18,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import CheckpointError
 from .checkpoint import Checkpoint
-from .quantize import BlockInt8, PerChannelInt8, quantize_blocks, quantize_per_channel
+from .quantize import BlockInt8, PerChannelInt8, quantize_blocks, quantize_blocks4, quantize_per_channel
 from .spec import ModelSpec
 
 MS = "com.microsoft"
@@ -30,10 +31,29 @@ def rope_cache(spec: ModelSpec, max_context: int) -> tuple[np.ndarray, np.ndarra
     """cos/sin [max_context, rotary_dim/2] as GroupQueryAttention wants them."""
     dim = spec.rotary_dim
     inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    if spec.rope_scaling:
-        inv_freq = _llama3_scaled(inv_freq, spec.rope_scaling)
+    scaling = spec.rope_scaling
+    if "freq_factors" in scaling:  # from a GGUF: llama.cpp divides each frequency by its factor
+        inv_freq = inv_freq / np.asarray(scaling["freq_factors"], dtype=np.float64)
+    if "linear_factor" in scaling:
+        inv_freq = inv_freq / scaling["linear_factor"]
+    if "factor" in scaling:  # from a Hugging Face config: Llama 3's parameters
+        inv_freq = _llama3_scaled(inv_freq, scaling)
     freqs = np.outer(np.arange(max_context, dtype=np.float64), inv_freq)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def check_fused_attention(spec: ModelSpec) -> None:
+    """Refuse, at build time, attention shapes ONNX Runtime's GroupQueryAttention cannot run
+    on the CPU (it would fail at the first generate otherwise)."""
+    problems = []
+    if spec.head_dim % 16:
+        problems.append(f"head_dim {spec.head_dim} is not a multiple of 16")
+    if (spec.rotary_dim // 2) % 8 or spec.rotary_dim > spec.head_dim:
+        problems.append(f"the rotary half-width {spec.rotary_dim // 2} (rotary_dim {spec.rotary_dim} / 2) is not a multiple of 8 "
+                        f"no larger than head_dim / 2")
+    if problems:
+        raise CheckpointError("this model's attention shape cannot run on ONNX Runtime's fused GroupQueryAttention: "
+                              + "; ".join(problems))
 
 
 def _llama3_scaled(inv_freq: np.ndarray, s: dict[str, float]) -> np.ndarray:
@@ -56,7 +76,7 @@ class GraphWriter:
     OPSETS = {"": OPSET, MS: 1}
 
     def __init__(self, quant: str) -> None:
-        self.quant = quant  # "fp32" | "dq" | "nbits"
+        self.quant = quant  # "fp32" | "dq" | "nbits" | "int4" | "int4-head4"
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._const_names: set[str] = set()
@@ -77,8 +97,8 @@ class GraphWriter:
     def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         return self.op(op_type, inputs, 1, domain, **attrs)[0]
 
-    def linear(self, name: str, x: str, w: np.ndarray, bias: np.ndarray | None = None) -> str:
-        """x @ w.T (+ bias); w is [out, in]."""
+    def linear(self, name: str, x: str, w: np.ndarray, bias: np.ndarray | None = None, int8: bool = False) -> str:
+        """x @ w.T (+ bias); w is [out, in]. int8: 8-bit blocks even in an INT4 build."""
         n, k = w.shape
         if self.quant == "dq":
             q = quantize_per_channel(w)
@@ -86,7 +106,17 @@ class GraphWriter:
             if bias is not None:
                 inputs += ["", self.const(f"{name}.bias", bias.astype(np.float32))]
             return self.op1("DynamicQuantizeMatMul", inputs, domain=MS)
-        if self.quant == "nbits":
+        if self.quant.startswith("int4") and not int8:
+            q4 = quantize_blocks4(w)
+            y = self.op1(
+                "MatMulNBits",
+                [x, self.const(f"{name}.qweight", q4.blob), self.const(f"{name}.scale", q4.scale.reshape(-1))],
+                domain=MS, K=k, N=n, bits=4, block_size=q4.block, accuracy_level=4,
+            )
+            blocks = self.op1("Reshape", [x, self.const(f"shape_blocks_{q4.block}", np.array([0, 0, -1, q4.block]))])
+            block_sums = self.op1("ReduceSum", [blocks, self.const("axes_last", np.array([-1]))], keepdims=0)
+            y = self.op1("Add", [y, self.op1("MatMul", [block_sums, self.const(f"{name}.offset", q4.offset)])])
+        elif self.quant in ("nbits", "int4", "int4-head4"):
             q = quantize_blocks(w)
             y = self.op1(
                 "MatMulNBits",
@@ -112,7 +142,7 @@ class GraphWriter:
         row. Returns the quantized table too, so a tied lm_head can reuse it."""
         if self.quant == "fp32":
             return self.op1("Gather", [self.const("embed.weight", embed), ids]), None
-        if self.quant == "nbits":
+        if self.quant in ("nbits", "int4", "int4-head4"):  # INT4 keeps an 8-bit table: a lookup reads one row
             q = quantize_blocks(embed)
             rows = self.op1("Gather", [self.const("embed.qweight", q.blob), ids])  # [B,S,nb,blk]
             scale = self.op1("Gather", [self.const("embed.scale2d", q.scale), ids])  # [B,S,nb]
@@ -137,6 +167,10 @@ class GraphWriter:
             )
         return self.op1("DynamicQuantizeMatMul", [x, "embed.qweight", "embed.scale"], domain=MS)
 
+    def check_attention(self, spec: ModelSpec) -> None:
+        """Refuse, at build time, an attention shape this flavour cannot run."""
+        check_fused_attention(spec)
+
     def qkv_weights(self, ckpt: Checkpoint, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Layer i's fused q/k/v projection: weight [q+k+v, hidden] and bias (or None)."""
         w = np.concatenate([ckpt.weight(f"l{i}.{n}") for n in "qkv"], axis=0)
@@ -156,13 +190,22 @@ class GraphWriter:
         return out
 
 
+KV_DTYPES = {"fp16": (TensorProto.FLOAT16, np.float16), "fp32": (TensorProto.FLOAT, np.float32)}
+
+
 def build_graph(
     ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None,
+    kv_dtype: str = "fp32",
     writer: Callable[[str], GraphWriter] = GraphWriter,
 ) -> onnx.ModelProto:
-    """quant: "fp32" or one of the writer's INT8 forms ("dq" or "nbits" for this module's)."""
+    """quant: "fp32" or one of the writer's weight forms (this module's: "dq" or "nbits", the two INT8
+    forms, "int4" (4-bit layers, 8-bit embedding and lm_head) or "int4-head4" (the lm_head in 4 bits
+    too)). kv_dtype: the KV cache's element type; attention runs in it (GroupQueryAttention wants its
+    inputs and cache in one type), everything else in float32."""
     spec = ckpt.spec
     g = writer(quant)
+    g.check_attention(spec)
+    kv_proto, kv_np = KV_DTYPES[kv_dtype]
     eps = spec.rms_norm_eps
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
@@ -174,8 +217,8 @@ def build_graph(
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "num_logits", spec.vocab_size])]
     cos, sin = rope_cache(spec, max_context)
-    g.const("cos_cache", cos)
-    g.const("sin_cache", sin)
+    g.const("cos_cache", cos.astype(kv_np))
+    g.const("sin_cache", sin.astype(kv_np))
 
     embed = ckpt.weight("embed")
     x, quantized_embed = g.embedding("input_ids", embed, spec.hidden_size)
@@ -187,11 +230,15 @@ def build_graph(
         else:
             normed, residual = g.skip_rms_norm(x, residual, ckpt.weight(f"l{i}.attn_norm"), f"{p}.attn_norm", eps)
         qkv = g.linear(f"{p}.qkv", normed, *g.qkv_weights(ckpt, i))
+        if kv_proto != TensorProto.FLOAT:
+            qkv = g.op1("Cast", [qkv], to=kv_proto)
         past = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present = f"present.{i}.key", f"present.{i}.value"
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in past]
-        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in present]
+        inputs += [helper.make_tensor_value_info(n, kv_proto, kv_shape) for n in past]
+        outputs += [helper.make_tensor_value_info(n, kv_proto, present_shape) for n in present]
         attn = g.attention(spec, f"{p}.attn", qkv, past, present)
+        if kv_proto != TensorProto.FLOAT:
+            attn = g.op1("Cast", [attn], to=TensorProto.FLOAT)
         o = g.linear(f"{p}.o", attn, ckpt.weight(f"l{i}.o"))
         if spec.arch == "glm4":
             o = g.rms_norm(o, ckpt.weight(f"l{i}.post_attn_norm"), f"{p}.post_attn_norm", eps)
@@ -207,11 +254,11 @@ def build_graph(
 
     final, _ = g.skip_rms_norm(x, residual, ckpt.weight("norm"), "final_norm", eps)
     picked = g.op1("Gather", [final, "logits_index"], axis=1)
-    if spec.tie_word_embeddings and quantized_embed is not None:
+    if spec.tie_word_embeddings and quantized_embed is not None and quant != "int4-head4":
         logits = g.tied_lm_head(picked, quantized_embed, spec.vocab_size, spec.hidden_size)
     else:
         lm_head = embed if spec.tie_word_embeddings else ckpt.weight("lm_head")
-        logits = g.linear("lm_head", picked, lm_head)
+        logits = g.linear("lm_head", picked, lm_head, int8=quant == "int4")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     graph = helper.make_graph(g.nodes, f"{spec.arch}_decoder", inputs, outputs, g.initializers)

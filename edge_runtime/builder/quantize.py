@@ -1,10 +1,13 @@
-"""INT8 weight quantization in the two forms ONNX Runtime runs fast on the CPU.
+"""Weight quantization in the forms ONNX Runtime runs fast on the CPU: two INT8 forms, and
+INT4 for MatMulNBits.
 
 - `nbits` (default): block-wise (32) symmetric 8-bit weights for `MatMulNBits` with
   accuracy_level 4, so activations are quantized per block too and the dot products run in int8.
 - `dq`: per-output-channel int8 weights for `DynamicQuantizeMatMul` (activations quantized per
   tensor at run time). As fast at batch 1, but per-tensor activation scales lose too much on
   small LLMs (see bench/int8_forms.py for both, speed and logit divergence, on this machine).
+- `int4`: block-wise (32) 4-bit weights for `MatMulNBits` (accuracy_level 4), each block's 16
+  levels spanning its minimum to its maximum with a float zero point (llama.cpp's Q4_1 rule).
 """
 
 from __future__ import annotations
@@ -50,3 +53,29 @@ def quantize_blocks(w: np.ndarray, block: int = NBITS_BLOCK) -> BlockInt8:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16) + 128
     return BlockInt8(q.astype(np.uint8), scale, k, block)
+
+
+@dataclass
+class BlockInt4:
+    blob: np.ndarray  # uint8 [N, n_blocks, block / 2]: two 4-bit levels a byte, the first in the low nibble
+    scale: np.ndarray  # float32 [N, n_blocks]
+    offset: np.ndarray  # float32 [n_blocks, N]: w = (level - 8) * scale + offset, per block and output
+    k: int
+    block: int
+
+
+def quantize_blocks4(w: np.ndarray, block: int = NBITS_BLOCK) -> BlockInt4:
+    """w: float [N, K] (out, in); K must be a whole number of blocks. Each block's 16 levels
+    span its minimum to its maximum (llama.cpp's Q4_1 rule), so weights from a Q4_1 GGUF
+    (blocks of 32 along K, too) come back exactly. MatMulNBits runs integer zero points fast
+    but float ones ~100x slower, so the block's offset is kept apart: the graph adds
+    (x summed per block) @ offset."""
+    n, k = w.shape
+    if k % block:
+        raise ValueError(f"int4: input size {k} is not a multiple of the block ({block})")
+    blocks = w.reshape(n, k // block, block)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    offset = (lo + 8 * scale).astype(np.float32)  # MatMulNBits' default zero point is 8
+    return BlockInt4((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale, np.ascontiguousarray(offset.T), k, block)

@@ -74,6 +74,9 @@ class TrtGraphWriter(GraphWriter):
         # one layer that reads it.
         return self.op1("MatMul", [x, self._dequantized("embed", q)])
 
+    def check_attention(self, spec: ModelSpec) -> None:
+        """Plain MatMul/Softmax attention takes any head size and rotary width."""
+
     def qkv_weights(self, ckpt: Checkpoint, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         w, b = super().qkv_weights(ckpt, i)
         spec = ckpt.spec
@@ -158,7 +161,9 @@ class TrtGraphWriter(GraphWriter):
 
 
 def build_trt_graph(
-    ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None
+    ckpt: Checkpoint, quant: str, max_context: int, progress: Callable[[int, int], None] | None = None,
+    kv_dtype: str = "fp32",
 ) -> onnx.ModelProto:
-    """quant: "fp32" or "qdq" (INT8 weights through DequantizeLinear)."""
-    return build_graph(ckpt, quant, max_context, progress, writer=lambda q: TrtGraphWriter(q, max_context))
+    """quant: "fp32" or "qdq" (INT8 weights through DequantizeLinear); the KV cache in fp32
+    (BuildOptions refuses another kv_dtype for this flavour)."""
+    return build_graph(ckpt, quant, max_context, progress, kv_dtype, writer=lambda q: TrtGraphWriter(q, max_context))
