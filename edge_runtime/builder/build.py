@@ -58,13 +58,15 @@ class BuildOptions:
             raise CheckpointError("the tensorrt flavour keeps its KV cache in fp32 (TensorRT picks its own precision)")
         if self.quant == "fp32":
             return "fp32"
-        if self.quant == "int4" and self.flavour == "ort" and self.int4_head_bits in (4, 8):
+        if self.quant == "int4":
+            if self.flavour != "ort" or self.int4_head_bits not in (4, 8):
+                raise CheckpointError(f"int4 is a form of the ort flavour with an 8- or 4-bit head, not {self.flavour}/"
+                                      f"{self.int4_head_bits}")
             return "int4" if self.int4_head_bits == 8 else "int4-head4"
         _, forms, default = FLAVOURS[self.flavour]
         form = self.int8_form or default
         if self.quant != "int8" or form not in forms:
-            raise CheckpointError(f"unknown quantization {self.quant}/{form} for the {self.flavour} flavour "
-                                  f"(INT8 forms: {', '.join(forms)}; int4 for the ort flavour)")
+            raise CheckpointError(f"unknown quantization {self.quant}/{form} for the {self.flavour} flavour (INT8 forms: {', '.join(forms)})")
         return form
 
 

@@ -54,7 +54,8 @@ class TrtGraphWriter(GraphWriter):
         """The float [K, N] weight read from its int8 initialiser and per-column scales."""
         return self.op1("DequantizeLinear", [self.const(f"{name}.qweight", q.weight), self.const(f"{name}.scale", q.scale)], axis=1)
 
-    def linear(self, name: str, x: str, w: np.ndarray, bias: np.ndarray | None = None) -> str:
+    def linear(self, name: str, x: str, w: np.ndarray, bias: np.ndarray | None = None, int8: bool = False) -> str:
+        # (int8: this flavour's weights are all 8-bit already)
         if self.quant == "fp32":
             return super().linear(name, x, w, bias)
         y = self.op1("MatMul", [x, self._dequantized(name, quantize_per_channel(w))])
