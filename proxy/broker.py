@@ -70,7 +70,7 @@ class MqttServices:
             parts.router.enable_offload(self.offloader, settings.offload, self.metrics)
             if settings.devices.enabled:
                 self.devices = DeviceFront(self.client, self.topics, self.gateway_id, settings.devices, parts.service,
-                                           parts.config, self.metrics)
+                                           parts.config, parts.auth, self.metrics)
         else:
             cloud = settings.cloud
             backend = (UpstreamBackend(cloud.upstream, cloud.upstream_api_key, cloud.upstream_model) if cloud.upstream

@@ -286,7 +286,8 @@ def test_with_neither_path_the_answer_is_503_with_retry_after(broker, tiny_model
 def test_thermal_and_wait_bounds_offload_and_device_requests_take_the_same_path(broker, cloud_worker, tiny_model_dir, sockets):
     with Engine(tiny_model_dir, sockets / "hot.sock") as local, \
             Gateway(proxy_config(local), settings(broker.url, "gw-hot", offload={"max_cpu_temp_c": 80, "max_wait_s": 1,
-                                                                                  "status_interval_s": 0.1})) as gw:
+                                                                                  "status_interval_s": 0.1},
+                                                       devices={"enabled": True, "require_grant": False})) as gw:
         temperature = [95.0]
         gw.run(setattr, gw.router.health, "read_temperature", lambda: temperature[0])
         wait_for(lambda: gw.router.health.cpu_temp_c == 95.0, what="a sensor reading")
@@ -309,7 +310,7 @@ def test_thermal_and_wait_bounds_offload_and_device_requests_take_the_same_path(
             await client.start()
             await client.wait_connected(10)
             await asyncio.sleep(0.2)
-            client.publish("edge/gw-hot/infer/request", msgpack.packb({"id": "d1", "prompt": "hello", "max_tokens": 5}), qos=1,
+            client.publish("edge/gw-hot/infer/request/dev-hot", msgpack.packb({"id": "d1", "prompt": "hello", "max_tokens": 5}), qos=1,
                            properties=MessageProperties(response_topic="edge/gw-hot/infer/reply/dev-hot"))
             message = await asyncio.wait_for(got.get(), 20)
             await client.stop()

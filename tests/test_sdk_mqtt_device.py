@@ -42,7 +42,7 @@ class Responder:
         assert self.connected.wait(10)
 
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
-        client.subscribe(f"edge/{GW}/infer/request", qos=1)
+        client.subscribe(f"edge/{GW}/infer/request/+", qos=1)
 
     def _on_message(self, client, userdata, msg) -> None:
         props = msg.properties

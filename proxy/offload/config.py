@@ -6,6 +6,7 @@ controller may change `[offload]` and `[devices]` (most keys live, see proxy/ser
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -47,19 +48,46 @@ class OffloadConfig(Table):
     retry_local: Annotated[bool, Meta(description="an offload failing before its first token is retried on the local engine")] = True
 
 
-class DevicesConfig(Table):
-    """the MQTT device front: {prefix}/{gateway}/infer/request (docs/mqtt-device-protocol.md)"""
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch  # a device: its MQTT client id, one topic level
 
-    enabled: Annotated[bool, Meta(description="serve {prefix}/{gw}/infer/request when a broker is configured")] = True
+
+class DeviceGrant(Table):
+    """What one device may do (as a JWT's claims say for an HTTP caller)"""
+
+    models: Annotated[tuple[str, ...] | None, Meta(description="model names it may use; none: all", examples=[["tiny"]])] = None
+    max_tokens: Annotated[Annotated[int, Meta(ge=1, le=2**31 - 1)] | None, Meta(
+        description="cap on max_tokens per request (also its default)")] = None
+    tier: Annotated[Annotated[str, Meta(min_length=1)] | None, Meta(
+        description="a [proxy.rate_limit_tiers] name; none: the [devices] limits", examples=["gold"])] = None
+
+
+class DevicesConfig(Table):
+    """the MQTT device front: {prefix}/{gateway}/infer/request/{device} (docs/mqtt-device-protocol.md)"""
+
+    enabled: Annotated[bool, Meta(
+        description="serve {prefix}/{gw}/infer/request/{device} (needs a broker; the broker must vouch for device ids)")] = False
     reply_prefix: Annotated[str | None, Meta(
-        description="default {prefix}/{gateway}/infer/reply: replies go only under it", examples=["edge/gw-0042/infer/reply"]),
-        Check(check_prefix)] = None
+        description="default {prefix}/{gateway}/infer/reply: a device's answers go to {reply_prefix}/{device}",
+        examples=["edge/gw-0042/infer/reply"]), Check(check_prefix)] = None
+    require_grant: Annotated[bool, Meta(
+        description="a device needs an entry in grants or a credential in its request (API key or JWT, as on HTTP)")] = True
+    grants: Annotated[dict[str, DeviceGrant], Meta(
+        description="per device id (its MQTT client id): the models, max_tokens cap and rate-limit tier it may use")] = {}
     max_payload_bytes: Annotated[int, Meta(ge=256, le=16 << 20, description="largest request payload")] = 65536
     max_concurrent: Annotated[int, Meta(ge=1, le=10_000, description="device requests served at once; more are answered 503")] = 16
-    rate_limit_requests_per_min: Annotated[float, Meta(ge=0, description="per device (reply topic); 0: off")] = 60.0
+    max_concurrent_per_device: Annotated[int, Meta(
+        ge=1, le=10_000, description="requests of one device served at once; more are answered 429")] = 2
+    max_devices: Annotated[int, Meta(
+        ge=1, le=10_000_000, description="devices whose rate-limit buckets are kept (least recently seen forgotten first)")] = 10_000
+    rate_limit_requests_per_min: Annotated[float, Meta(ge=0, description="per device (its client id); 0: off")] = 60.0
     rate_limit_tokens_per_min: Annotated[float, Meta(ge=0, description="per device; 0: off")] = 0.0
     default_max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1, description="for device requests that name none")] = 128
     default_temperature: Annotated[float, Meta(ge=0, le=2, description="for device requests that name none")] = 1.0
+
+    def check(self) -> None:
+        for device in self.grants:
+            if not DEVICE_ID(device):
+                raise ConfigError(f"grants: device id {device[:80]!r} must be 1 to 128 of A-Z a-z 0-9 . _ : -")
 
 
 class CloudConfig(Table):
