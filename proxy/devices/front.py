@@ -166,7 +166,7 @@ class DeviceFront:
                 code="too_many_concurrent_requests", headers={"Retry-After": "1"}))
             return
         try:
-            req = grant.authorize(self._parse(body))
+            req = grant.authorize(self._parse(body, grant))
         except ApiError as exc:
             self._refuse(reply, "invalid" if exc.status == 400 else "unauthorized", exc)
             return
@@ -203,9 +203,12 @@ class DeviceFront:
                            type="permission_error", code="unknown_tier")
         return grant
 
-    def _parse(self, body: dict[str, Any]) -> CompletionRequest:
+    def _parse(self, body: dict[str, Any], grant: Grant) -> CompletionRequest:
         model = self.service.link.model["id"] if self.service.link.model else "default"
-        defaults = {"max_tokens": self.config.default_max_tokens, "temperature": self.config.default_temperature}
+        max_tokens = self.config.default_max_tokens  # a grant's cap is also the default, as on HTTP
+        if grant.max_tokens is not None:
+            max_tokens = min(max_tokens, grant.max_tokens)
+        defaults = {"max_tokens": max_tokens, "temperature": self.config.default_temperature}
         return parse_device_request(body, model, defaults, self.proxy.max_messages, self.proxy.max_prompt_chars)
 
     async def _serve(self, req: CompletionRequest, reply: _Reply, trace: dict[str, str] | None) -> None:
