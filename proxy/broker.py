@@ -39,6 +39,7 @@ log = logging.getLogger("proxy.broker")
 SERVICES = web.AppKey("mqtt_services", "MqttServices")
 _GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _RESTART_DEVICES = frozenset({"enabled", "reply_prefix"})
+_RESTART_OFFLOAD = frozenset({"secret", "secret_file", "allow_unauthenticated"})  # the key is read once, at the start
 
 
 class MqttServices:
@@ -65,8 +66,12 @@ class MqttServices:
             self.client = MqttClient(mqtt, client_id)
         self.client.on_connect(lambda: self.metrics.mqtt_connected.set(1))
         self.client.on_disconnect(lambda: self.metrics.mqtt_connected.set(0))
+        key = settings.offload_key()
+        if key is None and (settings.role != GATEWAY or settings.offload.enabled):
+            log.warning("offload messages are not authenticated (allow_unauthenticated): anyone on the broker can read, "
+                        "answer and cancel them; set [offload] secret_file or $EDGE_OFFLOAD_SECRET outside labs")
         if settings.role == GATEWAY:
-            self.offloader = Offloader(self.client, self.topics, self.gateway_id, settings.offload, self.metrics)
+            self.offloader = Offloader(self.client, self.topics, self.gateway_id, settings.offload, self.metrics, key)
             parts.router.enable_offload(self.offloader, settings.offload, self.metrics)
             if settings.devices.enabled:
                 self.devices = DeviceFront(self.client, self.topics, self.gateway_id, settings.devices, parts.service,
@@ -75,7 +80,7 @@ class MqttServices:
             cloud = settings.cloud
             backend = (UpstreamBackend(cloud.upstream, cloud.upstream_api_key, cloud.upstream_model) if cloud.upstream
                        else EngineBackend(parts.link))
-            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics)
+            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics, key=key)
 
     async def start(self) -> None:
         for part in (self.offloader, self.devices, self.worker):
@@ -121,7 +126,7 @@ class MqttServices:
             if table == "proxy" and name in LIVE_PROXY_KEYS:
                 proxy[name] = value
                 results[key] = APPLIED
-            elif table == "offload":
+            elif table == "offload" and name not in _RESTART_OFFLOAD:
                 offload[name] = value
                 results[key] = APPLIED
             elif table == "devices" and name not in _RESTART_DEVICES:

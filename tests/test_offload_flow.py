@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from engine_harness import Engine
-from gateway_harness import Gateway, kill, mqtt_config, post, settings, sse_text, wait_for, worker_process
+from gateway_harness import OFFLOAD_SECRET, Gateway, kill, mqtt_config, post, settings, sse_text, wait_for, worker_process
 
 from proxy.config import ProxyConfig
 from proxy.mqtt import MessageProperties, MqttClient, Topics
@@ -172,11 +172,11 @@ class ScriptedWorker:
         await asyncio.sleep(0.2)
 
     def _on_request(self, message) -> None:
-        request = protocol.decode(message.payload)
+        request = protocol.unseal(OFFLOAD_SECRET.encode(), message.topic, message.payload)
         self.requests.append((request, message.properties))
         reply_to = message.properties.response_topic or request["reply_to"]
         rid = request["id"]
-        frames = [{"type": "accepted", "worker": "scripted"}] + [{"type": "token", "text": t} for t in self.tokens]
+        frames = [{"type": "accepted"}] + [{"type": "token", "text": t} for t in self.tokens]
         if self.stall_after is not None:
             frames = frames[:1 + self.stall_after]
         else:
@@ -189,7 +189,8 @@ class ScriptedWorker:
             sends.sort(key=lambda s: s[0])
         props = MessageProperties(content_type=protocol.CONTENT_TYPE, correlation_data=rid.encode())
         for seq, frame in sends:
-            self.client.publish(reply_to, protocol.encode_chunk(rid, seq, frame), qos=1, properties=props)
+            chunk = protocol.encode_chunk(rid, seq, frame, "scripted")
+            self.client.publish(reply_to, protocol.seal(OFFLOAD_SECRET.encode(), reply_to, chunk), qos=1, properties=props)
 
     async def stop(self) -> None:
         await self.client.stop()

@@ -18,6 +18,8 @@ from edge_wire.settings import SECRET, Check, ConfigError, Table, Text, load_tab
 from ..mqtt.topics import check_name, check_prefix
 
 UPSTREAM_KEY_ENV = "EDGE_CLOUD_UPSTREAM_API_KEY"
+OFFLOAD_SECRET_ENV = "EDGE_OFFLOAD_SECRET"
+MIN_SECRET_BYTES = 32  # an HMAC-SHA256 key: as long as the hash, so that it cannot be guessed
 
 
 def _upstream(key: str, value: str) -> None:
@@ -46,6 +48,36 @@ class OffloadConfig(Table):
     breaker_cooldown_s: Annotated[float, Meta(gt=0, le=3600, description="an open breaker lets a probe through after this")] = 10.0
     max_in_flight: Annotated[int, Meta(ge=1, le=100_000, description="offloads at once; past it the cloud path counts as full")] = 256
     retry_local: Annotated[bool, Meta(description="an offload failing before its first token is retried on the local engine")] = True
+    secret: Annotated[Text | None, SECRET, Meta(
+        description=f"the fleet's offload secret (gateways and workers; HMAC-SHA256, {MIN_SECRET_BYTES}+ bytes): "
+                    f"better secret_file or ${OFFLOAD_SECRET_ENV}", examples=["..."])] = None
+    secret_file: Annotated[str | None, Meta(
+        description="file holding the offload secret (readable by this service only)",
+        examples=["/etc/edge-runtime/offload.secret"])] = None
+    allow_unauthenticated: Annotated[bool, Meta(
+        description="labs only: offload (and, role cloud, serve) with no secret; anyone on the broker can read, answer "
+                    "and cancel requests")] = False
+
+    def check(self) -> None:
+        if self.secret is not None and self.secret_file is not None:
+            raise ConfigError(f"secret_file: set secret_file or secret (${OFFLOAD_SECRET_ENV}), not both")
+
+    def key(self) -> bytes | None:
+        """The HMAC key (None: none configured); ConfigError when the file cannot be read or the
+        secret is too short."""
+        if self.secret_file is not None:
+            try:
+                secret = Path(self.secret_file).read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(f"[offload] secret_file: cannot read {self.secret_file}: {exc.strerror}") from None
+        elif self.secret is not None:
+            secret = self.secret.encode("utf-8", "surrogatepass")
+        else:
+            return None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"[offload] secret: must be at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`), "
+                              f"got {len(secret)}")
+        return secret
 
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch  # a device: its MQTT client id, one topic level
@@ -104,8 +136,10 @@ class CloudConfig(Table):
         ge=1, le=10_000, description="requests served at once; more are refused (busy) for the gateway to go elsewhere")] = 8
 
 
-def offload_config_from(data: dict[str, Any], path: Path | None) -> OffloadConfig:
-    return load_table(OffloadConfig, data, "offload", path)
+def offload_config_from(data: dict[str, Any], path: Path | None, environ: dict[str, str] | None = None) -> OffloadConfig:
+    environ = os.environ if environ is None else environ
+    loaded = {"secret": environ[OFFLOAD_SECRET_ENV]} if environ.get(OFFLOAD_SECRET_ENV) else {}
+    return load_table(OffloadConfig, data, "offload", path, **loaded)
 
 
 def devices_config_from(data: dict[str, Any], path: Path | None) -> DevicesConfig:
