@@ -51,16 +51,12 @@ class OffloadConfig(Table):
     secret: Annotated[Text | None, SECRET, Meta(
         description=f"the fleet's offload secret (gateways and workers; HMAC-SHA256, {MIN_SECRET_BYTES}+ bytes): "
                     f"better secret_file or ${OFFLOAD_SECRET_ENV}", examples=["..."])] = None
-    secret_file: Annotated[str | None, Meta(
-        description="file holding the offload secret (readable by this service only)",
+    secret_file: Annotated[Text | None, Meta(
+        description="file holding the offload secret (readable by this service only); read instead of secret when set",
         examples=["/etc/edge-runtime/offload.secret"])] = None
     allow_unauthenticated: Annotated[bool, Meta(
         description="labs only: offload (and, role cloud, serve) with no secret; anyone on the broker can read, answer "
                     "and cancel requests")] = False
-
-    def check(self) -> None:
-        if self.secret is not None and self.secret_file is not None:
-            raise ConfigError(f"secret_file: set secret_file or secret (${OFFLOAD_SECRET_ENV}), not both")
 
     def key(self) -> bytes | None:
         """The HMAC key (None: none configured); ConfigError when the file cannot be read or the
@@ -86,9 +82,9 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch  # a device: its MQ
 class DeviceGrant(Table):
     """What one device may do (as a JWT's claims say for an HTTP caller)"""
 
-    models: Annotated[tuple[str, ...] | None, Meta(description="model names it may use; none: all", examples=[["tiny"]])] = None
+    models: Annotated[tuple[Annotated[str, Meta(min_length=1)], ...] | None, Meta(description="model names it may use; none: all", examples=[["tiny"]])] = None
     max_tokens: Annotated[Annotated[int, Meta(ge=1, le=2**31 - 1)] | None, Meta(
-        description="cap on max_tokens per request (also its default)")] = None
+        description="cap on max_tokens per request (also its default)", examples=[256])] = None
     tier: Annotated[Annotated[str, Meta(min_length=1)] | None, Meta(
         description="a [proxy.rate_limit_tiers] name; none: the [devices] limits", examples=["gold"])] = None
 
