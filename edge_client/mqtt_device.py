@@ -29,7 +29,13 @@ from paho.mqtt.properties import Properties
 
 from .errors import APIConnectionError, APITimeoutError, from_body
 from .http_api import trace_headers
-from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Meta
+from .types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Meta,
+)
 
 JSON, MSGPACK = "application/json", "application/msgpack"
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})

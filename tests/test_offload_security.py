@@ -16,7 +16,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from engine_harness import Engine
-from gateway_harness import OFFLOAD_SECRET, Gateway, mqtt_config, post, settings, wait_for
+from gateway_harness import (
+    OFFLOAD_SECRET,
+    Gateway,
+    mqtt_config,
+    post,
+    settings,
+    wait_for,
+)
 
 from edge_wire.settings import ConfigError
 from proxy.broker_settings import load_settings
