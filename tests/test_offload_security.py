@@ -119,6 +119,40 @@ def test_a_rogue_subscriber_cannot_get_its_answer_accepted(broker, gateway, work
     assert re.fullmatch(r"gw-victim\.[0-9a-f]{32}\..+", seen[0]["id"])
 
 
+def test_chunks_from_anyone_but_the_claiming_worker_are_dropped_and_counted(broker, gateway, worker):
+    """Even sealed with the fleet's secret (a second worker, a leaked key): once the real worker's
+    chunk 0 claimed the request, chunks naming another worker, or none, never reach the answer."""
+    intruder = MqttClient(mqtt_config(broker.url), "intruder")
+    injected: list[int] = []
+
+    def on_chunk(message: Message) -> None:
+        chunk = protocol.decode(protocol.decode(message.payload)["msg"])
+        if chunk["seq"] != 1 or injected:
+            return
+        for seq in range(2, 6):
+            frame = {"type": "token", "text": "INJECTED", "token_id": -1}
+            forged = protocol.encode_chunk(chunk["id"], seq, frame, "impostor" if seq % 2 else None)
+            intruder.publish(message.topic, protocol.seal(KEY, message.topic, forged), qos=1)
+            injected.append(seq)
+
+    before = gateway.metric("edge_proxy_offload_chunks_dropped_total", reason="other_worker")
+
+    async def main():
+        await intruder.start()
+        assert await intruder.wait_connected(10)
+        await intruder.subscribe("edge/gw-victim/offload/reply", on_chunk, qos=1)
+        try:
+            return await post(f"{gateway.url}/v1/chat/completions", chat(stream=False))
+        finally:
+            await intruder.stop()
+
+    status, headers, raw = run(main())
+    body = json.loads(raw)
+    assert injected and (status, headers["x-served-by"]) == (200, "cloud")
+    assert "INJECTED" not in body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] == TOKENS
+    assert gateway.metric("edge_proxy_offload_chunks_dropped_total", reason="other_worker") == before + 4
+
+
 def test_a_rogue_cannot_cancel_another_gateways_request(broker, gateway, worker):
     """Once the worker streams the answer, cancels on the old shared topic, bare, with a wrong
     secret, and sealed by another gateway of the fleet (on its own cancel topic, or with the
