@@ -67,9 +67,12 @@ class MqttServices:
         self.client.on_connect(lambda: self.metrics.mqtt_connected.set(1))
         self.client.on_disconnect(lambda: self.metrics.mqtt_connected.set(0))
         key = settings.offload_key()
-        if key is None and (settings.role != GATEWAY or settings.offload.enabled):
+        if key is None and settings.offload.allow_unauthenticated:
             log.warning("offload messages are not authenticated (allow_unauthenticated): anyone on the broker can read, "
                         "answer and cancel them; set [offload] secret_file or $EDGE_OFFLOAD_SECRET outside labs")
+        elif key is None and settings.role == GATEWAY and settings.offload.enabled:
+            log.error("offload is off: no offload secret ([offload] secret_file or $EDGE_OFFLOAD_SECRET, the same on "
+                      "every gateway and worker); requests are served locally only")
         if settings.role == GATEWAY:
             self.offloader = Offloader(self.client, self.topics, self.gateway_id, settings.offload, self.metrics, key)
             parts.router.enable_offload(self.offloader, settings.offload, self.metrics)
@@ -171,6 +174,7 @@ class MqttServices:
         }
         if self.offloader is not None:
             router = self.parts.router
+            out["offload_auth"] = self.offloader.auth
             out["offload_in_flight"] = self.offloader.in_flight
             out["breakers"] = {"local": router.local.state, "cloud": router.cloud.state}
         if self.devices is not None:

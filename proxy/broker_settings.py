@@ -46,15 +46,14 @@ class MqttSettings:
         return Topics(self.fleet.topic_prefix)
 
     def offload_key(self) -> bytes | None:
-        """The fleet's offload HMAC key (None: none, allowed). Offloading, or serving as a cloud
-        worker, without one is refused unless `allow_unauthenticated` says so: anyone on the
-        broker could read the prompts, answer them and cancel them."""
+        """The fleet's offload HMAC key (None: none). Without one a cloud worker refuses to start
+        (ConfigError), and a gateway does not offload (proxy/offload/gateway.py), unless
+        `allow_unauthenticated` says so: anyone on the broker could read, answer and cancel the
+        requests."""
         key = self.offload.key()
-        if key is None and (self.role == CLOUD or self.offload.enabled) and not self.offload.allow_unauthenticated:
-            what = "a cloud worker" if self.role == CLOUD else "offload ([offload] enabled)"
-            raise ConfigError(f"[offload] secret: {what} needs the fleet's offload secret: set secret_file or "
-                              f"${OFFLOAD_SECRET_ENV}" + ("" if self.role == CLOUD else ", or enabled = false")
-                              + "; allow_unauthenticated = true only in labs")
+        if key is None and self.role == CLOUD and not self.offload.allow_unauthenticated:
+            raise ConfigError(f"[offload] secret: a cloud worker needs the fleet's offload secret: set secret_file or "
+                              f"${OFFLOAD_SECRET_ENV}; allow_unauthenticated = true only in labs")
         return key
 
 

@@ -1,8 +1,8 @@
 """Offload from an attacker's side, against a real Mosquitto (issue 14): a rogue client subscribed
 to the offload request topic cannot get its answer accepted nor cancel a gateway's request (bare,
 with another secret, or sealed by another gateway of the fleet); a worker answers only to the
-gateway a request names; ids are unguessable; and without a secret nothing offloads unless a lab
-says `allow_unauthenticated`."""
+gateway a request names; ids are unguessable; and without a secret a gateway does not offload
+and a worker does not start, unless a lab says `allow_unauthenticated`."""
 
 from __future__ import annotations
 
@@ -234,13 +234,34 @@ def test_a_worker_answers_only_the_gateway_a_request_names(broker, worker):
     assert worker.metric("edge_proxy_cloud_requests_total", outcome="unauthenticated") == unauthenticated + 1
 
 
-def test_without_a_secret_offload_is_refused_unless_a_lab_allows_it(tmp_path):
+def test_a_gateway_without_a_secret_publishes_no_prompt(broker, tiny_model_dir, sockets):
+    """No secret, no allow_unauthenticated: the router never offloads (served locally, even when
+    everything should go to the cloud), so nothing reaches the request topic; telemetry says why."""
+    async def main(gw: Gateway):
+        spy = MqttClient(mqtt_config(broker.url), "spy-nosecret")
+        seen: list[Message] = []
+        await spy.start()
+        assert await spy.wait_connected(10)
+        await spy.subscribe("edge/offload/request", seen.append, qos=1)
+        try:
+            return await post(f"{gw.url}/v1/chat/completions", chat(stream=False)), seen
+        finally:
+            await spy.stop()
+
+    with Engine(tiny_model_dir, sockets / "nosecret.sock") as local, \
+            Gateway(ProxyConfig(engine_socket=str(local.socket_path), model_aliases=("tiny",)),
+                    settings(broker.url, "gw-nosecret", offload={**FORCE_OFFLOAD, "secret": None})) as gw:
+        (status, headers, _), seen = run(main(gw))
+        assert (status, headers["x-served-by"]) == (200, "local") and seen == []
+        assert gw.services.counters()["offload_auth"] == "refused"
+
+
+def test_without_a_secret_a_worker_refuses_to_start_unless_a_lab_allows_it(tmp_path):
     broker = {"mqtt": {"url": "mqtt://127.0.0.1:1"}}
-    for role, extra in (("gateway", {}), ("cloud", {})):
-        with pytest.raises(ConfigError, match=r"\[offload\] secret: .*needs the fleet's offload secret"):
-            load_settings({**broker, **extra}, None, role=role, environ={})
-    assert load_settings({**broker, "offload": {"enabled": False}}, None, environ={}).offload_key() is None
-    lab = load_settings({**broker, "offload": {"allow_unauthenticated": True}}, None, environ={})
+    with pytest.raises(ConfigError, match=r"\[offload\] secret: a cloud worker needs the fleet's offload secret"):
+        load_settings(broker, None, role="cloud", environ={})
+    assert load_settings(broker, None, environ={}).offload_key() is None  # a gateway starts, and does not offload
+    lab = load_settings({**broker, "offload": {"allow_unauthenticated": True}}, None, role="cloud", environ={})
     assert lab.offload_key() is None
     assert load_settings(broker, None, environ={"EDGE_OFFLOAD_SECRET": OFFLOAD_SECRET}).offload_key() == KEY
     secret_file = tmp_path / "offload.secret"

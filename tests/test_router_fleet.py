@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from engine_harness import Engine
-from gateway_harness import OFFLOAD_SECRET, Gateway, mqtt_config, post
+from gateway_harness import Gateway, mqtt_config, post
 
 from edgectl.cli import Controller
 from proxy import main as proxy_main
@@ -33,8 +33,7 @@ def engine(tiny_model_dir):
         yield e
 
 
-def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquitto, engine, tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGE_OFFLOAD_SECRET", OFFLOAD_SECRET)
+def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquitto, engine, tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(f'[proxy]\nengine_socket = "{engine.socket_path}"\nmodel_aliases = ["tiny"]\n'
                     f'[mqtt]\nurl = "{mosquitto.url}"\nkeepalive_s = 5\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n'
@@ -96,8 +95,7 @@ def test_a_pushed_rate_limit_takes_effect_live_and_stays_after_a_restart(mosquit
     assert (settings.offload.max_wait_s, settings.devices.default_max_tokens) == (2.5, 4)
 
 
-def test_flags_give_a_gateway_its_broker_and_id_without_a_file(mosquitto, monkeypatch):
-    monkeypatch.setenv("EDGE_OFFLOAD_SECRET", OFFLOAD_SECRET)
+def test_flags_give_a_gateway_its_broker_and_id_without_a_file(mosquitto):
     args = proxy_main._parser().parse_args(["--mqtt", mosquitto.url, "--gateway-id", "gw-flag"])
     _, settings = proxy_main.load(args)
     assert settings.mqtt.url == mosquitto.url and settings.gateway_id == "gw-flag" and not settings.fleet.enabled

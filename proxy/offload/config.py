@@ -56,7 +56,7 @@ class OffloadConfig(Table):
         examples=["/etc/edge-runtime/offload.secret"])] = None
     allow_unauthenticated: Annotated[bool, Meta(
         description="labs only: offload (and, role cloud, serve) with no secret; anyone on the broker can read, answer "
-                    "and cancel requests")] = False
+                    "and cancel requests (without a secret and this, a gateway does not offload, a worker does not start)")] = False
 
     def key(self) -> bytes | None:
         """The HMAC key (None: none configured); ConfigError when the file cannot be read or the

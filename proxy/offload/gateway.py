@@ -63,6 +63,12 @@ class Offloader:
                 and len(self._inflight) < self.config.max_in_flight)
 
     @property
+    def auth(self) -> str:
+        """How its messages are authenticated (telemetry): `hmac`, `none` (allow_unauthenticated),
+        or `refused` (no secret: it does not offload)."""
+        return "hmac" if self.key is not None else "none" if self._bare_allowed else "refused"
+
+    @property
     def in_flight(self) -> int:
         return len(self._inflight)
 
