@@ -7,8 +7,9 @@ The broker is used when `[mqtt] url` is set, `--mqtt URL` is given, `[fleet] ena
 or the role is `cloud`; without one the sidecar is the plain HTTP gateway it always was.
 
 Fleet: a pushed config is applied live where it can be: `[proxy]` rate limits, cache sizes,
-request timeout and log level, every `[offload]` key (bounds, timeouts, breakers), and the
-`[devices]` rate limits, sampling defaults and sizes; everything else is reported
+request timeout and log level, every `[offload]` key (bounds, timeouts, breakers) but the
+secret ones (read once, at the start), and the `[devices]` rate limits, grants, sampling
+defaults and sizes; everything else is reported
 `needs_restart` (and is in force from the next start: main.py lays the applied config over the
 file)."""
 
