@@ -119,6 +119,17 @@ def test_a_rogue_subscriber_cannot_get_its_answer_accepted(broker, gateway, work
     assert re.fullmatch(r"gw-victim\.[0-9a-f]{32}\..+", seen[0]["id"])
 
 
+async def ask_while_watching_replies(client: MqttClient, on_chunk, gateway: Gateway) -> tuple[int, dict, bytes]:
+    """One offloaded request of the victim gateway, with `client` watching its reply topic."""
+    await client.start()
+    assert await client.wait_connected(10)
+    await client.subscribe("edge/gw-victim/offload/reply", on_chunk, qos=1)
+    try:
+        return await post(f"{gateway.url}/v1/chat/completions", chat(stream=False))
+    finally:
+        await client.stop()
+
+
 def test_chunks_from_anyone_but_the_claiming_worker_are_dropped_and_counted(broker, gateway, worker):
     """Even sealed with the fleet's secret (a second worker, a leaked key): once the real worker's
     chunk 0 claimed the request, chunks naming another worker, or none, never reach the answer."""
@@ -137,16 +148,7 @@ def test_chunks_from_anyone_but_the_claiming_worker_are_dropped_and_counted(brok
 
     before = gateway.metric("edge_proxy_offload_chunks_dropped_total", reason="other_worker")
 
-    async def main():
-        await intruder.start()
-        assert await intruder.wait_connected(10)
-        await intruder.subscribe("edge/gw-victim/offload/reply", on_chunk, qos=1)
-        try:
-            return await post(f"{gateway.url}/v1/chat/completions", chat(stream=False))
-        finally:
-            await intruder.stop()
-
-    status, headers, raw = run(main())
+    status, headers, raw = run(ask_while_watching_replies(intruder, on_chunk, gateway))
     body = json.loads(raw)
     assert injected and (status, headers["x-served-by"]) == (200, "cloud")
     assert "INJECTED" not in body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] == TOKENS
@@ -178,16 +180,7 @@ def test_a_rogue_cannot_cancel_another_gateways_request(broker, gateway, worker)
 
     before = worker.metric("edge_proxy_cloud_requests_total", outcome="cancelled")
 
-    async def main():
-        await rogue.start()
-        assert await rogue.wait_connected(10)
-        await rogue.subscribe("edge/gw-victim/offload/reply", on_chunk, qos=1)
-        try:
-            return await post(f"{gateway.url}/v1/chat/completions", chat(stream=False))
-        finally:
-            await rogue.stop()
-
-    status, headers, raw = run(main())
+    status, headers, raw = run(ask_while_watching_replies(rogue, on_chunk, gateway))
     assert sent, "the rogue never saw the answer start"
     assert (status, headers["x-served-by"]) == (200, "cloud")
     assert json.loads(raw)["usage"]["completion_tokens"] == TOKENS
