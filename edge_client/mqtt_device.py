@@ -1,9 +1,10 @@
-"""DeviceClient: a device's side of docs/mqtt-device-protocol.md, on paho-mqtt. A request is
-published to `{prefix}/{gateway}/infer/request`; answers come back on the device's reply topic
-under the gateway's reply prefix (MQTT v5: ResponseTopic and CorrelationData; 3.1.1: `reply_to`
-in the payload), numbered, and are delivered in order with duplicates dropped. The session is
-persistent (the broker keeps the reply subscription and queues answers while the device is
-briefly offline) and paho reconnects by itself with backoff. Synchronous: paho's network thread
+"""DeviceClient: a device's side of docs/mqtt-device-protocol.md, on paho-mqtt. The device is its
+MQTT client id: a request is published to `{prefix}/{gateway}/infer/request/{client_id}`; answers
+come back on `{reply prefix}/{client_id}` (MQTT v5: CorrelationData; the reply topic is also named,
+as v5 ResponseTopic or 3.1.1 `reply_to`, and the gateway refuses any other), numbered, and are
+delivered in order with duplicates dropped. The session is persistent (the broker keeps the reply
+subscription and queues answers while the device is briefly offline) and paho reconnects by
+itself with backoff. Synchronous: paho's network thread
 does the I/O, the caller blocks on its answer. Answers are the SDK's types, built from the
 protocol's messages (`result` -> ChatCompletion or Completion; `chunk` and `done` -> chunks, the
 last with finish_reason and usage); `error` messages raise the SDK's typed errors."""
@@ -28,7 +29,13 @@ from paho.mqtt.properties import Properties
 
 from .errors import APIConnectionError, APITimeoutError, from_body
 from .http_api import trace_headers
-from .types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Meta
+from .types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Meta,
+)
 
 JSON, MSGPACK = "application/json", "application/msgpack"
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
@@ -38,13 +45,15 @@ _SESSION_EXPIRY_S = 300  # how long the broker keeps the reply subscription (and
 
 class DeviceClient:
     """`broker`: mqtt://host[:port] or mqtts://host[:port]. `protocol`: "5" or "3.1.1".
-    `encoding`: "json" or "msgpack". `reply_topic` must lie under the gateway's reply prefix
-    (default `{prefix}/{gateway}/infer/reply`, which the default topic does)."""
+    `encoding`: "json" or "msgpack". `reply_topic`: `{reply_prefix}/{client_id}`, for a gateway
+    whose `[devices] reply_prefix` is not the default `{prefix}/{gateway}/infer/reply`.
+    `authorization`: "Bearer KEY_OR_TOKEN", sent with every request (v5 user property, 3.1.1
+    payload field) when the gateway has no grant configured for this device."""
 
     def __init__(self, broker: str, *, gateway: str, client_id: str | None = None, protocol: str = "5",
                  encoding: str = "json", prefix: str = "edge", reply_topic: str | None = None,
                  username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
-                 keepalive: int = 30) -> None:
+                 keepalive: int = 30, authorization: str | None = None) -> None:
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
         if encoding not in ("json", "msgpack"):
@@ -57,9 +66,10 @@ class DeviceClient:
         self.client_id = client_id or "edge-device-" + secrets.token_hex(6)
         self.v5 = protocol == "5"
         self.content_type = JSON if encoding == "json" else MSGPACK
-        self.request_topic = f"{prefix}/{gateway}/infer/request"
+        self.request_topic = f"{prefix}/{gateway}/infer/request/{self.client_id}"
         self.reply_topic = reply_topic or f"{prefix}/{gateway}/infer/reply/{self.client_id}"
         self.keepalive = keepalive
+        self._authorization = authorization
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -150,10 +160,13 @@ class DeviceClient:
             properties.ResponseTopic = self.reply_topic
             properties.CorrelationData = request_id.encode()
             properties.ContentType = self.content_type
-            if trace:
-                properties.UserProperty = list(trace.items())
+            pairs = list((trace or {}).items()) + ([("authorization", self._authorization)] if self._authorization else [])
+            if pairs:
+                properties.UserProperty = pairs
         else:
             payload["reply_to"] = self.reply_topic
+            if self._authorization:
+                payload["authorization"] = self._authorization
             if trace:
                 payload["trace"] = trace
         pending = _Pending()

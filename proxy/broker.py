@@ -7,8 +7,9 @@ The broker is used when `[mqtt] url` is set, `--mqtt URL` is given, `[fleet] ena
 or the role is `cloud`; without one the sidecar is the plain HTTP gateway it always was.
 
 Fleet: a pushed config is applied live where it can be: `[proxy]` rate limits, cache sizes,
-request timeout and log level, every `[offload]` key (bounds, timeouts, breakers), and the
-`[devices]` rate limits, sampling defaults and sizes; everything else is reported
+request timeout and log level, every `[offload]` key (bounds, timeouts, breakers) but the
+secret ones (read once, at the start), and the `[devices]` rate limits, grants, sampling
+defaults and sizes; everything else is reported
 `needs_restart` (and is in force from the next start: main.py lays the applied config over the
 file)."""
 
@@ -39,6 +40,7 @@ log = logging.getLogger("proxy.broker")
 SERVICES = web.AppKey("mqtt_services", "MqttServices")
 _GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _RESTART_DEVICES = frozenset({"enabled", "reply_prefix"})
+_RESTART_OFFLOAD = frozenset({"secret", "secret_file", "allow_unauthenticated"})  # the key is read once, at the start
 
 
 class MqttServices:
@@ -65,17 +67,24 @@ class MqttServices:
             self.client = MqttClient(mqtt, client_id)
         self.client.on_connect(lambda: self.metrics.mqtt_connected.set(1))
         self.client.on_disconnect(lambda: self.metrics.mqtt_connected.set(0))
+        key = settings.offload_key()
+        if key is None and settings.offload.allow_unauthenticated:
+            log.warning("offload messages are not authenticated (allow_unauthenticated): anyone on the broker can read, "
+                        "answer and cancel them; set [offload] secret_file or $EDGE_OFFLOAD_SECRET outside labs")
+        elif key is None and settings.role == GATEWAY and settings.offload.enabled:
+            log.error("offload is off: no offload secret ([offload] secret_file or $EDGE_OFFLOAD_SECRET, the same on "
+                      "every gateway and worker); requests are served locally only")
         if settings.role == GATEWAY:
-            self.offloader = Offloader(self.client, self.topics, self.gateway_id, settings.offload, self.metrics)
+            self.offloader = Offloader(self.client, self.topics, self.gateway_id, settings.offload, self.metrics, key)
             parts.router.enable_offload(self.offloader, settings.offload, self.metrics)
             if settings.devices.enabled:
                 self.devices = DeviceFront(self.client, self.topics, self.gateway_id, settings.devices, parts.service,
-                                           parts.config, self.metrics)
+                                           parts.config, parts.auth, self.metrics)
         else:
             cloud = settings.cloud
             backend = (UpstreamBackend(cloud.upstream, cloud.upstream_api_key, cloud.upstream_model) if cloud.upstream
                        else EngineBackend(parts.link))
-            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics)
+            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics, key=key)
 
     async def start(self) -> None:
         for part in (self.offloader, self.devices, self.worker):
@@ -121,7 +130,7 @@ class MqttServices:
             if table == "proxy" and name in LIVE_PROXY_KEYS:
                 proxy[name] = value
                 results[key] = APPLIED
-            elif table == "offload":
+            elif table == "offload" and name not in _RESTART_OFFLOAD:
                 offload[name] = value
                 results[key] = APPLIED
             elif table == "devices" and name not in _RESTART_DEVICES:
@@ -166,6 +175,7 @@ class MqttServices:
         }
         if self.offloader is not None:
             router = self.parts.router
+            out["offload_auth"] = self.offloader.auth
             out["offload_in_flight"] = self.offloader.in_flight
             out["breakers"] = {"local": router.local.state, "cloud": router.cloud.state}
         if self.devices is not None:

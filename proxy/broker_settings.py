@@ -14,6 +14,7 @@ from .fleet.config import FleetConfig, fleet_config_from
 from .mqtt.config import MqttConfig, mqtt_config_from
 from .mqtt.topics import Topics
 from .offload.config import (
+    OFFLOAD_SECRET_ENV,
     CloudConfig,
     DevicesConfig,
     OffloadConfig,
@@ -44,6 +45,17 @@ class MqttSettings:
     def topics(self) -> Topics:
         return Topics(self.fleet.topic_prefix)
 
+    def offload_key(self) -> bytes | None:
+        """The fleet's offload HMAC key (None: none). Without one a cloud worker refuses to start
+        (ConfigError), and a gateway does not offload (proxy/offload/gateway.py), unless
+        `allow_unauthenticated` says so: anyone on the broker could read, answer and cancel the
+        requests."""
+        key = self.offload.key()
+        if key is None and self.role == CLOUD and not self.offload.allow_unauthenticated:
+            raise ConfigError(f"[offload] secret: a cloud worker needs the fleet's offload secret: set secret_file or "
+                              f"${OFFLOAD_SECRET_ENV}; allow_unauthenticated = true only in labs")
+        return key
+
 
 def load_settings(data: dict[str, Any], path: Path | None, *, mqtt_url: str | None = None, gateway_id: str | None = None,
                   role: str = GATEWAY, upstream: str | None = None, environ: dict[str, str] | None = None) -> MqttSettings:
@@ -55,8 +67,11 @@ def load_settings(data: dict[str, Any], path: Path | None, *, mqtt_url: str | No
     table = data.get("mqtt")
     wanted = mqtt_url is not None or (isinstance(table, dict) and "url" in table) or fleet.enabled or role == CLOUD
     cloud = _flag("--upstream", cloud_config_from(data, path, environ), upstream=upstream)
-    return MqttSettings(mqtt if wanted else None, fleet, offload_config_from(data, path), devices_config_from(data, path),
-                        cloud, role, path)
+    settings = MqttSettings(mqtt if wanted else None, fleet, offload_config_from(data, path, environ),
+                            devices_config_from(data, path), cloud, role, path)
+    if wanted:
+        settings.offload_key()  # refused now, with the other config errors, rather than at the broker's start
+    return settings
 
 
 def _flag(flag: str, config: Any, **override: Any) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from proxy.mqtt import MqttConfig
 from proxy.offload import CloudConfig, DevicesConfig, OffloadConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+OFFLOAD_SECRET = secrets.token_hex(32)  # the test fleet's offload secret (gateways and workers share it)
 
 
 def mqtt_config(url: str, **kw: Any) -> MqttConfig:
@@ -39,7 +41,7 @@ def settings(url: str, gateway_id: str = "gw-1", *, role: str = "gateway", offlo
     return MqttSettings(
         mqtt=mqtt_config(url, **(mqtt or {})),
         fleet=FleetConfig(gateway_id=gateway_id, telemetry_period_s=0, **{"allow_unsigned": True, **(fleet or {})}),
-        offload=OffloadConfig(**{"accept_timeout_s": 3.0, "idle_timeout_s": 3.0, **(offload or {})}),
+        offload=OffloadConfig(**{"accept_timeout_s": 3.0, "idle_timeout_s": 3.0, "secret": OFFLOAD_SECRET, **(offload or {})}),
         devices=DevicesConfig(**(devices or {})),
         cloud=CloudConfig(**(cloud or {})),
         role=role,
@@ -107,7 +109,7 @@ def worker_process(broker_url: str, engine_socket: Path, log_path: Path, *extra:
     """`edge-proxy --role cloud` as its own process (so that a test can SIGKILL it)."""
     cmd = [sys.executable, "-m", "proxy.main", "--role", "cloud", "--mqtt", broker_url, "--engine-socket", str(engine_socket),
            "--port", "0", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_OFFLOAD_SECRET": OFFLOAD_SECRET}
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 

@@ -37,7 +37,8 @@ def engine(tiny_model_dir):
 def gateway(broker, engine):
     safety = SafetyConfig(categories=(Category("weapons", "block", terms=("pipe bomb",)),))
     config = ProxyConfig(engine_socket=str(engine.socket_path), model_aliases=("tiny",), safety=safety)
-    devices = {"rate_limit_requests_per_min": 0, "max_payload_bytes": 2048, "default_max_tokens": 6}
+    devices = {"enabled": True, "require_grant": False, "rate_limit_requests_per_min": 0, "max_payload_bytes": 2048,
+               "default_max_tokens": 6}
     with Gateway(config, settings(broker.url, "gw-dev", devices=devices)) as gw:
         yield gw
 
@@ -45,8 +46,9 @@ def gateway(broker, engine):
 class Device:
     """A device: a raw MQTT client that collects every message on the topics it watches."""
 
-    def __init__(self, url: str, name: str, protocol: str = "5") -> None:
-        self.client = MqttClient(mqtt_config(url, protocol=protocol), name)
+    def __init__(self, url: str, name: str, protocol: str = "5", gateway: str = "gw-dev", **mqtt) -> None:
+        self.client = MqttClient(mqtt_config(url, protocol=protocol, **mqtt), name)
+        self.request_topic = f"edge/{gateway}/infer/request/{name}"  # its own: the broker vouches for its client id
         self.got: asyncio.Queue[Message] = asyncio.Queue()
 
     async def __aenter__(self) -> Device:
@@ -61,7 +63,7 @@ class Device:
         await self.client.stop()
 
     def send(self, payload: bytes, **props) -> None:
-        self.client.publish(REQUEST, payload, qos=1, properties=MessageProperties(**props) if props else None)
+        self.client.publish(self.request_topic, payload, qos=1, properties=MessageProperties(**props) if props else None)
 
     async def next(self, timeout: float = 20) -> tuple[Message, dict]:
         message = await asyncio.wait_for(self.got.get(), timeout)
@@ -130,56 +132,70 @@ def test_garbage_gets_error_replies_and_the_gateway_keeps_serving(broker, gatewa
         async with Device(broker.url, "dev-bad") as dev, Device(broker.url, "spy") as spy:
             await dev.watch(reply)
             await spy.watch("#")
-            errors = []
+            errors, misdirected = [], []
             for payload, _, _ in cases:
                 dev.send(payload, response_topic=reply)
                 errors.append((await dev.next())[1])
-            # Reply topics outside the reply prefix are never published to; nor is anything
-            # published for a request with no reply topic at all.
+            # A reply topic other than the device's own is never published to: the request is
+            # refused on the device's own topic; a request naming none is answered there.
             for bad in ("edge/gw-dev/status", "edge/gw-dev/infer/reply", "edge/gw-dev/infer/reply/+", "edge/other/x",
                         "edge/gw-dev/infer/reply//x", "$SYS/x"):
-                dev.client.publish(REQUEST, json.dumps({"prompt": "x", "reply_to": bad}).encode(), qos=1)
-            dev.client.publish(REQUEST, b'{"prompt": "x"}', qos=1)
+                dev.client.publish(dev.request_topic, json.dumps({"prompt": "x", "reply_to": bad}).encode(), qos=1)
+                misdirected.append((await dev.next())[1])
+            dev.client.publish(dev.request_topic, b'{"prompt": "x", "max_tokens": 2}', qos=1)
+            unnamed = (await dev.next())[1]
             dev.send(b'{"id": "ok", "prompt": "still serving", "max_tokens": 3}', response_topic=reply)
             answer = (await dev.next())[1]
             await asyncio.sleep(0.3)
             seen = set()
             while not spy.got.empty():
                 seen.add(spy.got.get_nowait().topic)
-            return errors, answer, seen
+            return errors, misdirected, unnamed, answer, seen
 
-    errors, answer, seen = run(main())
+    errors, misdirected, unnamed, answer, seen = run(main())
     for (payload, code, param), error in zip(cases, errors):
         assert error["type"] == "error" and error["seq"] == 0, error
         assert (error["error"]["code"], error["error"]["param"]) == (code, param), (payload[:40], error)
         assert error["error"]["status"] in (400, 413)
     assert answer["type"] == "result" and answer["id"] == "ok"
-    assert seen == {REQUEST, reply}, seen
+    assert seen == {f"{REQUEST}/dev-bad", reply}, seen
     assert gateway.metric("edge_proxy_device_errors_total", reason="bad_reply_topic") == 6
-    assert gateway.metric("edge_proxy_device_errors_total", reason="no_reply_topic") == 1
+    assert [(m["type"], m["error"]["code"], m["error"]["param"]) for m in misdirected] == \
+        [("error", "invalid_reply_topic", "reply_to")] * 6
+    assert unnamed["type"] == "result"
     assert gateway.metric("edge_proxy_device_errors_total", reason="malformed") == 4
 
 
 def test_per_device_rate_limits(broker, engine):
+    """The bucket is the device's (its client id): naming other reply topics neither escapes it
+    nor spends another device's."""
     config = ProxyConfig(engine_socket=str(engine.socket_path))
-    with Gateway(config, settings(broker.url, "gw-rl", devices={"rate_limit_requests_per_min": 1})):
+    with Gateway(config, settings(broker.url, "gw-rl", devices={"enabled": True, "require_grant": False,
+                                                                 "rate_limit_requests_per_min": 1})):
 
         async def main():
             out = {}
-            async with Device(broker.url, "dev-rl") as dev:
-                for name in ("a", "b"):
-                    await dev.watch(f"edge/gw-rl/infer/reply/{name}")
-                for name in ("a", "a", "b"):
-                    dev.client.publish("edge/gw-rl/infer/request", msgpack.packb({"prompt": "x", "max_tokens": 2}), qos=1,
-                                       properties=MessageProperties(response_topic=f"edge/gw-rl/infer/reply/{name}"))
-                    message, reply = await dev.next()
-                    out.setdefault(message.topic.rsplit("/", 1)[1], []).append(reply)
+            async with Device(broker.url, "dev-rl", gateway="gw-rl") as dev, \
+                    Device(broker.url, "dev-victim", gateway="gw-rl") as victim:
+                await dev.watch("edge/gw-rl/infer/reply/dev-rl")
+                await victim.watch("edge/gw-rl/infer/reply/dev-victim")
+                # The attacker's first request is served; its next ones (naming its own reply
+                # topic, then the victim's) are refused on its own topic.
+                for name in ("dev-rl", "dev-rl", "dev-victim"):
+                    dev.send(msgpack.packb({"prompt": "x", "max_tokens": 2}), response_topic=f"edge/gw-rl/infer/reply/{name}")
+                    out.setdefault("dev-rl", []).append((await dev.next())[1])
+                victim.send(msgpack.packb({"prompt": "x", "max_tokens": 2}))
+                message, reply = await victim.next()
+                out["dev-victim"] = [reply]
+                await asyncio.sleep(0.3)
+                assert message.topic == "edge/gw-rl/infer/reply/dev-victim" and victim.got.empty()
             return out
 
         replies = run(main())
-        assert [r["type"] for r in replies["a"]] == ["result", "error"] and replies["b"][0]["type"] == "result"
-        error = replies["a"][1]["error"]
+        assert [r["type"] for r in replies["dev-rl"]] == ["result", "error", "error"] and replies["dev-victim"][0]["type"] == "result"
+        error = replies["dev-rl"][1]["error"]
         assert error["status"] == 429 and error["code"] == "rate_limit_exceeded" and error["retry_after_s"] >= 1
+        assert replies["dev-rl"][2]["error"]["code"] == "invalid_reply_topic"
 
 
 @pytest.mark.parametrize("protocol, encoding", [("5", "json"), ("3.1.1", "msgpack")])

@@ -16,7 +16,7 @@ from proxy.config import ProxyConfig
 from proxy.mqtt import MessageProperties, MqttClient
 
 GATEWAY = "gw-agree"
-REQUEST = f"edge/{GATEWAY}/infer/request"
+REQUEST = f"edge/{GATEWAY}/infer/request/dev-1"
 REPLY = f"edge/{GATEWAY}/infer/reply/dev-1"
 MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
 
@@ -25,7 +25,8 @@ MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
 def gateway(broker, tiny_model_dir):
     with tempfile.TemporaryDirectory(prefix="agree-", dir="/tmp") as d, Engine(tiny_model_dir, Path(d) / "e.sock") as engine:
         config = ProxyConfig(engine_socket=str(engine.socket_path), model_aliases=("tiny",), cache_enabled=False)
-        with Gateway(config, settings(broker.url, GATEWAY, devices={"rate_limit_requests_per_min": 0})) as gw:
+        with Gateway(config, settings(broker.url, GATEWAY, devices={"enabled": True, "require_grant": False,
+                                                                        "rate_limit_requests_per_min": 0})) as gw:
             yield gw
 
 

@@ -21,11 +21,11 @@ def run(coro):
 
 
 def chunks(n_tokens: int) -> list[dict]:
-    out = [{"type": "accepted", "worker": "w1"}]
+    out = [{"type": "accepted"}]
     out += [{"type": "token", "text": f"t{i} "} for i in range(n_tokens)]
     out.append({"type": "done", "finish_reason": "length", "usage": {"prompt_tokens": 1, "completion_tokens": n_tokens,
                                                                        "total_tokens": n_tokens + 1}})
-    return out
+    return [{**chunk, "worker": "w1"} for chunk in out]  # every chunk names its worker, as CloudWorker's do
 
 
 async def collect(assembler: ReplyAssembler, accept: float = 1.0, idle: float = 1.0) -> list[dict]:
@@ -76,6 +76,21 @@ def test_when_two_workers_answer_the_first_to_send_chunk_0_owns_the_answer():
             a.feed(seq, mine[seq])
         frames = await collect(a)
         assert [f["worker"] for f in frames] == ["A"] * 4 and a.worker == "A" and a.strays == 4
+
+    run(main())
+
+
+def test_a_chunk_not_naming_the_claiming_worker_is_a_stray():
+    async def main():
+        a = ReplyAssembler("r")
+        sent = chunks(2)
+        a.feed(0, sent[0])
+        a.feed(1, {"type": "token", "text": "forged "})  # names no worker
+        a.feed(1, {**sent[1], "worker": "w2", "text": "forged "})
+        for seq in (1, 2, 3):
+            a.feed(seq, sent[seq])
+        frames = await collect(a)
+        assert "".join(f.get("text", "") for f in frames) == "t0 t1 " and a.strays == 2
 
     run(main())
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from engine_harness import Engine
-from gateway_harness import Gateway, kill, mqtt_config, post, settings, sse_text, wait_for, worker_process
+from gateway_harness import OFFLOAD_SECRET, Gateway, kill, mqtt_config, post, settings, sse_text, wait_for, worker_process
 
 from proxy.config import ProxyConfig
 from proxy.mqtt import MessageProperties, MqttClient, Topics
@@ -172,11 +172,11 @@ class ScriptedWorker:
         await asyncio.sleep(0.2)
 
     def _on_request(self, message) -> None:
-        request = protocol.decode(message.payload)
+        request = protocol.unseal(OFFLOAD_SECRET.encode(), message.topic, message.payload)
         self.requests.append((request, message.properties))
         reply_to = message.properties.response_topic or request["reply_to"]
         rid = request["id"]
-        frames = [{"type": "accepted", "worker": "scripted"}] + [{"type": "token", "text": t} for t in self.tokens]
+        frames = [{"type": "accepted"}] + [{"type": "token", "text": t} for t in self.tokens]
         if self.stall_after is not None:
             frames = frames[:1 + self.stall_after]
         else:
@@ -189,7 +189,8 @@ class ScriptedWorker:
             sends.sort(key=lambda s: s[0])
         props = MessageProperties(content_type=protocol.CONTENT_TYPE, correlation_data=rid.encode())
         for seq, frame in sends:
-            self.client.publish(reply_to, protocol.encode_chunk(rid, seq, frame), qos=1, properties=props)
+            chunk = protocol.encode_chunk(rid, seq, frame, "scripted")
+            self.client.publish(reply_to, protocol.seal(OFFLOAD_SECRET.encode(), reply_to, chunk), qos=1, properties=props)
 
     async def stop(self) -> None:
         await self.client.stop()
@@ -286,7 +287,8 @@ def test_with_neither_path_the_answer_is_503_with_retry_after(broker, tiny_model
 def test_thermal_and_wait_bounds_offload_and_device_requests_take_the_same_path(broker, cloud_worker, tiny_model_dir, sockets):
     with Engine(tiny_model_dir, sockets / "hot.sock") as local, \
             Gateway(proxy_config(local), settings(broker.url, "gw-hot", offload={"max_cpu_temp_c": 80, "max_wait_s": 1,
-                                                                                  "status_interval_s": 0.1})) as gw:
+                                                                                  "status_interval_s": 0.1},
+                                                       devices={"enabled": True, "require_grant": False})) as gw:
         temperature = [95.0]
         gw.run(setattr, gw.router.health, "read_temperature", lambda: temperature[0])
         wait_for(lambda: gw.router.health.cpu_temp_c == 95.0, what="a sensor reading")
@@ -309,7 +311,7 @@ def test_thermal_and_wait_bounds_offload_and_device_requests_take_the_same_path(
             await client.start()
             await client.wait_connected(10)
             await asyncio.sleep(0.2)
-            client.publish("edge/gw-hot/infer/request", msgpack.packb({"id": "d1", "prompt": "hello", "max_tokens": 5}), qos=1,
+            client.publish("edge/gw-hot/infer/request/dev-hot", msgpack.packb({"id": "d1", "prompt": "hello", "max_tokens": 5}), qos=1,
                            properties=MessageProperties(response_topic="edge/gw-hot/infer/reply/dev-hot"))
             message = await asyncio.wait_for(got.get(), 20)
             await client.stop()

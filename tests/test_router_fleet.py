@@ -41,7 +41,7 @@ def gateway_args(tmp_path: Path, engine: Engine, broker, proxy: str, fleet: str)
     path = tmp_path / "config.toml"
     path.write_text(f'[proxy]\nengine_socket = "{engine.socket_path}"\nmodel_aliases = ["tiny"]\n{proxy}\n'
                     f'[mqtt]\nurl = "{broker.url}"\nkeepalive_s = 5\nreconnect_min_s = 0.05\nreconnect_max_s = 0.3\n'
-                    f'[fleet]\nenabled = true\nstate_dir = "{tmp_path / "state"}"\n{fleet}\n')
+                    f'[fleet]\nenabled = true\nstate_dir = "{tmp_path / "state"}"\n{fleet}\n[devices]\nenabled = true\n')
     return proxy_main._parser().parse_args(["--config", str(path)])
 
 

@@ -42,7 +42,7 @@ class Responder:
         assert self.connected.wait(10)
 
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
-        client.subscribe(f"edge/{GW}/infer/request", qos=1)
+        client.subscribe(f"edge/{GW}/infer/request/+", qos=1)
 
     def _on_message(self, client, userdata, msg) -> None:
         props = msg.properties
@@ -172,7 +172,8 @@ def test_against_the_gateways_device_front(broker, tiny_model_dir):
 
     with tempfile.TemporaryDirectory(prefix="dv-", dir="/tmp") as d, Engine(tiny_model_dir, Path(d) / "e.sock") as engine:
         config = ProxyConfig(engine_socket=str(engine.socket_path), model_aliases=("tiny",))
-        with Gateway(config, settings(broker.url, "gw-sdk", devices={"rate_limit_requests_per_min": 0})):
+        with Gateway(config, settings(broker.url, "gw-sdk", devices={"enabled": True, "require_grant": False,
+                                                                    "rate_limit_requests_per_min": 0})):
             for protocol, encoding in (("5", "json"), ("3.1.1", "msgpack")):
                 with DeviceClient(broker.url, gateway="gw-sdk", protocol=protocol, encoding=encoding) as dev:
                     user = [{"role": "user", "content": "the quick brown fox"}]

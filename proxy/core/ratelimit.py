@@ -30,9 +30,13 @@ class Limits(Table, kw_only=False):
 
 
 class RateLimiter:
-    def __init__(self, requests_per_min: float, tokens_per_min: float, tiers: Mapping[str, Limits] | None = None) -> None:
+    def __init__(self, requests_per_min: float, tokens_per_min: float, tiers: Mapping[str, Limits] | None = None,
+                 max_clients: int | None = None) -> None:
+        """`max_clients`: keep at most this many buckets, forgetting the least recently used one
+        (no sweep): for clients that cannot be made up at will, e.g. broker-vouched devices."""
         self.default = Limits(requests_per_min, tokens_per_min)
         self.tiers = dict(tiers or {})
+        self.max_clients = max_clients
         self._buckets: dict[str, list] = {}  # client -> [requests left, tokens left, last refill, Limits]
 
     @property
@@ -64,8 +68,13 @@ class RateLimiter:
     def _refill(self, client: str, limits: Limits) -> list:
         now = time.monotonic()
         bucket = self._buckets.get(client)
+        if bucket is not None and self.max_clients is not None:
+            self._buckets[client] = self._buckets.pop(client)  # most recently used last
         if bucket is None:
-            if len(self._buckets) >= _SWEEP_AT:
+            if self.max_clients is not None:
+                while len(self._buckets) >= self.max_clients:
+                    del self._buckets[next(iter(self._buckets))]
+            elif len(self._buckets) >= _SWEEP_AT:
                 self._sweep(now)
             bucket = self._buckets[client] = [limits.requests_per_min, limits.tokens_per_min, now, limits]
             return bucket

@@ -17,7 +17,8 @@ from ..core.schema import Message, Model, SamplingFields, decode, messages, prom
 
 class DeviceRequest(SamplingFields, kw_only=True):
     id: Optional[str] = None  # checked before parsing: errors are answered with it
-    reply_to: Optional[str] = None  # MQTT 3.1.1: where to answer (v5 says it in ResponseTopic)
+    reply_to: Optional[str] = None  # checked before parsing: only the device's own reply topic
+    authorization: Optional[str] = None  # checked before parsing: "Bearer KEY_OR_TOKEN", as on HTTP
     stream: bool = False
     trace: Optional[dict[str, Any]] = None  # W3C trace context (read by proxy/mqtt/trace.py)
     model: Optional[Model] = None

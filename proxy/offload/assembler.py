@@ -44,9 +44,9 @@ class ReplyAssembler:
 
     def feed(self, seq: int, chunk: dict[str, Any]) -> None:
         """Take chunk number `seq` (the chunk map itself); release what is now in order. The
-        first worker whose chunk 0 arrives owns the answer: should a request reach two workers
-        (two share groups, a redelivery after a worker's reconnect), the other's chunks are
-        dropped rather than mixed in."""
+        worker whose chunk 0 (`accepted`) arrives first owns the answer: should a request reach
+        two workers (two share groups, a redelivery after a worker's reconnect), or a forger
+        answer, every chunk not naming the owner is dropped (counted in `strays`)."""
         if self._failed:
             return
         source = chunk.get("worker") if isinstance(chunk.get("worker"), str) else None
@@ -61,11 +61,11 @@ class ReplyAssembler:
                     held[seq] = chunk
                 return
             self._source = source
-            self._pending = {**self._early.pop(None, {}), **self._early.pop(source, {})}
+            self._pending = self._early.pop(source, {})
             self.strays += sum(len(h) for h in self._early.values())
             self._early.clear()
-        elif source is not None and self._source is not None and source != self._source:
-            self.strays += 1  # (a chunk that does not name its worker is taken as the owner's)
+        elif source != self._source:  # a chunk that does not name the owner is not the owner's
+            self.strays += 1
             return
         if seq < self.next_seq or seq in self._pending:
             self.duplicates += 1

@@ -6,6 +6,7 @@ controller may change `[offload]` and `[devices]` (most keys live, see proxy/ser
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ from edge_wire.settings import SECRET, Check, ConfigError, Table, Text, load_tab
 from ..mqtt.topics import check_name, check_prefix
 
 UPSTREAM_KEY_ENV = "EDGE_CLOUD_UPSTREAM_API_KEY"
+OFFLOAD_SECRET_ENV = "EDGE_OFFLOAD_SECRET"
+MIN_SECRET_BYTES = 32  # an HMAC-SHA256 key: as long as the hash, so that it cannot be guessed
 
 
 def _upstream(key: str, value: str) -> None:
@@ -45,21 +48,74 @@ class OffloadConfig(Table):
     breaker_cooldown_s: Annotated[float, Meta(gt=0, le=3600, description="an open breaker lets a probe through after this")] = 10.0
     max_in_flight: Annotated[int, Meta(ge=1, le=100_000, description="offloads at once; past it the cloud path counts as full")] = 256
     retry_local: Annotated[bool, Meta(description="an offload failing before its first token is retried on the local engine")] = True
+    secret: Annotated[Text | None, SECRET, Meta(
+        description=f"the fleet's offload secret (gateways and workers; HMAC-SHA256, {MIN_SECRET_BYTES}+ bytes): "
+                    f"better secret_file or ${OFFLOAD_SECRET_ENV}", examples=["..."])] = None
+    secret_file: Annotated[Text | None, Meta(
+        description="file holding the offload secret (readable by this service only); read instead of secret when set",
+        examples=["/etc/edge-runtime/offload.secret"])] = None
+    allow_unauthenticated: Annotated[bool, Meta(
+        description="labs only: offload (and, role cloud, serve) with no secret; anyone on the broker can read, answer "
+                    "and cancel requests (without a secret and this, a gateway does not offload, a worker does not start)")] = False
+
+    def key(self) -> bytes | None:
+        """The HMAC key (None: none configured); ConfigError when the file cannot be read or the
+        secret is too short."""
+        if self.secret_file is not None:
+            try:
+                secret = Path(self.secret_file).read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(f"[offload] secret_file: cannot read {self.secret_file}: {exc.strerror}") from None
+        elif self.secret is not None:
+            secret = self.secret.encode("utf-8", "surrogatepass")
+        else:
+            return None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"[offload] secret: must be at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`), "
+                              f"got {len(secret)}")
+        return secret
+
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}").fullmatch  # a device: its MQTT client id, one topic level
+
+
+class DeviceGrant(Table):
+    """What one device may do (as a JWT's claims say for an HTTP caller)"""
+
+    models: Annotated[tuple[Annotated[str, Meta(min_length=1)], ...] | None, Meta(description="model names it may use; none: all", examples=[["tiny"]])] = None
+    max_tokens: Annotated[Annotated[int, Meta(ge=1, le=2**31 - 1)] | None, Meta(
+        description="cap on max_tokens per request (also its default)", examples=[256])] = None
+    tier: Annotated[Annotated[str, Meta(min_length=1)] | None, Meta(
+        description="a [proxy.rate_limit_tiers] name; none: the [devices] limits", examples=["gold"])] = None
 
 
 class DevicesConfig(Table):
-    """the MQTT device front: {prefix}/{gateway}/infer/request (docs/mqtt-device-protocol.md)"""
+    """the MQTT device front: {prefix}/{gateway}/infer/request/{device} (docs/mqtt-device-protocol.md)"""
 
-    enabled: Annotated[bool, Meta(description="serve {prefix}/{gw}/infer/request when a broker is configured")] = True
+    enabled: Annotated[bool, Meta(
+        description="serve {prefix}/{gw}/infer/request/{device} (needs a broker; the broker must vouch for device ids)")] = False
     reply_prefix: Annotated[str | None, Meta(
-        description="default {prefix}/{gateway}/infer/reply: replies go only under it", examples=["edge/gw-0042/infer/reply"]),
-        Check(check_prefix)] = None
+        description="default {prefix}/{gateway}/infer/reply: a device's answers go to {reply_prefix}/{device}",
+        examples=["edge/gw-0042/infer/reply"]), Check(check_prefix)] = None
+    require_grant: Annotated[bool, Meta(
+        description="a device needs an entry in grants or a credential in its request (API key or JWT, as on HTTP)")] = True
+    grants: Annotated[dict[str, DeviceGrant], Meta(
+        description="per device id (its MQTT client id): the models, max_tokens cap and rate-limit tier it may use")] = {}
     max_payload_bytes: Annotated[int, Meta(ge=256, le=16 << 20, description="largest request payload")] = 65536
     max_concurrent: Annotated[int, Meta(ge=1, le=10_000, description="device requests served at once; more are answered 503")] = 16
-    rate_limit_requests_per_min: Annotated[float, Meta(ge=0, description="per device (reply topic); 0: off")] = 60.0
+    max_concurrent_per_device: Annotated[int, Meta(
+        ge=1, le=10_000, description="requests of one device served at once; more are answered 429")] = 2
+    max_devices: Annotated[int, Meta(
+        ge=1, le=10_000_000, description="devices whose rate-limit buckets are kept (least recently seen forgotten first)")] = 10_000
+    rate_limit_requests_per_min: Annotated[float, Meta(ge=0, description="per device (its client id); 0: off")] = 60.0
     rate_limit_tokens_per_min: Annotated[float, Meta(ge=0, description="per device; 0: off")] = 0.0
     default_max_tokens: Annotated[int, Meta(ge=1, le=2**31 - 1, description="for device requests that name none")] = 128
     default_temperature: Annotated[float, Meta(ge=0, le=2, description="for device requests that name none")] = 1.0
+
+    def check(self) -> None:
+        for device in self.grants:
+            if not DEVICE_ID(device):
+                raise ConfigError(f"grants: device id {device[:80]!r} must be 1 to 128 of A-Z a-z 0-9 . _ : -")
 
 
 class CloudConfig(Table):
@@ -76,8 +132,10 @@ class CloudConfig(Table):
         ge=1, le=10_000, description="requests served at once; more are refused (busy) for the gateway to go elsewhere")] = 8
 
 
-def offload_config_from(data: dict[str, Any], path: Path | None) -> OffloadConfig:
-    return load_table(OffloadConfig, data, "offload", path)
+def offload_config_from(data: dict[str, Any], path: Path | None, environ: dict[str, str] | None = None) -> OffloadConfig:
+    environ = os.environ if environ is None else environ
+    loaded = {"secret": environ[OFFLOAD_SECRET_ENV]} if environ.get(OFFLOAD_SECRET_ENV) else {}
+    return load_table(OffloadConfig, data, "offload", path, **loaded)
 
 
 def devices_config_from(data: dict[str, Any], path: Path | None) -> DevicesConfig:

@@ -5,7 +5,12 @@ answer (ReplyAssembler: reordered, deduplicated, timed out when the cloud goes q
 The request travels with MQTT v5 ResponseTopic (our reply topic), CorrelationData (its id) and
 MessageExpiryInterval (its deadline), and the same fields in the payload for 3.1.1 brokers.
 When the broker connection drops, every offload in flight fails at once (reason `lost`), so
-that the router can retry it locally or end it with a clear error."""
+that the router can retry it locally or end it with a clear error.
+
+Requests, cancels and chunks are sealed with the fleet's offload secret (protocol.seal): a chunk
+that is not is dropped (counted `unauthenticated`), as is one from any worker but the one whose
+`accepted` chunk claimed the request (`other_worker`). Ids carry 128 random bits: nobody can
+name a request they have not seen."""
 
 from __future__ import annotations
 
@@ -30,16 +35,18 @@ log = logging.getLogger("proxy.offload")
 
 class Offloader:
     def __init__(self, client: MqttClient, topics: Topics, gateway_id: str, config: OffloadConfig,
-                 metrics: MqttMetrics | None = None) -> None:
+                 metrics: MqttMetrics | None = None, key: bytes | None = None) -> None:
+        """`key`: the offload secret (None: messages travel bare, only with `allow_unauthenticated`)."""
         self.client = client
         self.topics = topics
         self.gateway_id = gateway_id
         self.config = config
         self.metrics = metrics
+        self.key = key
+        self._bare_allowed = key is None and config.allow_unauthenticated  # fixed at start: a push cannot loosen it
         self.reply_topic = topics.offload_reply(gateway_id)
         self.request_topic = topics.offload_request()
-        self.cancel_topic = offload_cancel_topic(topics)
-        self._session = secrets.token_hex(4)  # ids stay unique across restarts of this gateway
+        self.cancel_topic = offload_cancel_topic(topics, gateway_id)
         self._inflight: dict[str, ReplyAssembler] = {}
 
     def start(self) -> list[asyncio.Future[int]]:
@@ -52,14 +59,21 @@ class Offloader:
     @property
     def available(self) -> bool:
         """Can a request be offloaded now? (broker connected, room for one more)"""
-        return self.client.connected and len(self._inflight) < self.config.max_in_flight
+        return ((self.key is not None or self._bare_allowed) and self.client.connected
+                and len(self._inflight) < self.config.max_in_flight)
+
+    @property
+    def auth(self) -> str:
+        """How its messages are authenticated (telemetry): `hmac`, `none` (allow_unauthenticated),
+        or `refused` (no secret: it does not offload)."""
+        return "hmac" if self.key is not None else "none" if self._bare_allowed else "refused"
 
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
 
     def offload_id(self, local_id: str) -> str:
-        return f"{self.gateway_id}.{self._session}.{local_id}"
+        return f"{self.gateway_id}.{secrets.token_hex(16)}.{local_id}"
 
     async def generate(self, offload_id: str, *, kind: str, model: str, prompt: dict[str, Any], params: dict[str, Any],
                        timeout_s: float, trace: Trace | None = None, tools: Any = None,
@@ -85,7 +99,8 @@ class Offloader:
             if not self.client.connected:
                 raise OffloadFailed("unavailable", "the broker is unreachable")
             try:
-                published = self.client.publish(self.request_topic, payload, qos=1, properties=properties)
+                published = self.client.publish(self.request_topic, protocol.seal(self.key, self.request_topic, payload), qos=1,
+                                                properties=properties)
             except MqttError as exc:  # QueueFull, MqttClosed
                 raise OffloadFailed("unavailable", f"the request could not be sent: {exc}") from None
             published.add_done_callback(lambda f: self._check_sent(f, assembler))
@@ -99,6 +114,8 @@ class Offloader:
                     self.metrics.chunks_dropped.labels("duplicate").inc(assembler.duplicates)
                 if assembler.strays:
                     self.metrics.chunks_dropped.labels("other_worker").inc(assembler.strays)
+                    log.warning("offload chunks from a worker that did not claim the request dropped",
+                                extra={"id": offload_id, "worker": assembler.worker, "dropped": assembler.strays})
             if not assembler.finished:
                 self.cancel(offload_id)
 
@@ -107,7 +124,8 @@ class Offloader:
         if not self.client.connected:
             return
         try:
-            self.client.publish(self.cancel_topic, protocol.encode_cancel(offload_id), qos=1)
+            self.client.publish(self.cancel_topic, protocol.seal(self.key, self.cancel_topic,
+                                                                 protocol.encode_cancel(offload_id, self.gateway_id)), qos=1)
         except MqttError:
             pass
 
@@ -118,7 +136,12 @@ class Offloader:
 
     def _on_reply(self, message: Message) -> None:
         try:
-            request_id, seq, chunk = protocol.parse_chunk(protocol.decode(message.payload))
+            request_id, seq, chunk = protocol.parse_chunk(protocol.unseal(self.key, message.topic, message.payload))
+        except protocol.Unauthenticated as exc:
+            log.warning("unauthenticated offload reply dropped", extra={"topic": message.topic, "error": str(exc)})
+            if self.metrics is not None:
+                self.metrics.chunks_dropped.labels("unauthenticated").inc()
+            return
         except protocol.ProtocolError as exc:
             log.warning("malformed offload reply dropped", extra={"topic": message.topic, "error": str(exc)})
             if self.metrics is not None:
@@ -149,6 +172,8 @@ class Offloader:
             assembler.fail(OffloadFailed("lost", "the broker connection was lost during the offload"))
 
 
-def offload_cancel_topic(topics: Topics) -> str:
-    """Where gateways ask workers to stop a request (every worker hears it; the one serving it stops)."""
-    return f"{topics.prefix}/offload/cancel"
+def offload_cancel_topic(topics: Topics, gateway_id: str) -> str:
+    """Where a gateway asks workers to stop one of its requests (every worker hears it; the one
+    serving it stops). `+` for the gateway: the workers' filter. Per gateway so that a broker ACL
+    (`pattern write {prefix}/%c/offload/cancel`) vouches for who cancels."""
+    return f"{topics.prefix}/{gateway_id}/offload/cancel"

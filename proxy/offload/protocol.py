@@ -1,6 +1,12 @@
 """The offload protocol between gateways and cloud workers (docs/offload-protocol.md): one msgpack
 request on `{prefix}/offload/request`, numbered msgpack chunks back on the gateway's
-`{prefix}/{gw}/offload/reply`, and a cancel on `{prefix}/offload/cancel`.
+`{prefix}/{gw}/offload/reply`, and a cancel on the gateway's `{prefix}/{gw}/offload/cancel`.
+
+Every message is sealed with the fleet's offload secret: an HMAC-SHA256 over the topic it is
+published to and its payload, carried with the payload in a msgpack envelope (so it works over
+MQTT 3.1.1 too). The topic is in the MAC so that a sealed message cannot be replayed elsewhere
+(a chunk to another gateway, a request as a cancel). Without a secret (`allow_unauthenticated`,
+labs only) messages travel bare.
 
 The chunks carry the engine's own frames (docs/engine-protocol.md): token frames, then a done
 frame, or an error frame; so a gateway relays an offloaded answer through the very code that
@@ -8,6 +14,8 @@ relays a local one. Chunk 0 is `accepted` (a worker took the request)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
 from typing import Annotated, Any, Literal, Optional
@@ -32,8 +40,40 @@ _PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
 _STRUCTURED_KEYS = ("tools", "grammar")
 
 
+_MAC_CONTEXT = b"edge-offload-v1\0"
+
+
 class ProtocolError(ValueError):
     """A message that does not follow the offload protocol."""
+
+
+class Unauthenticated(ProtocolError):
+    """A message that is not sealed with the fleet's offload secret."""
+
+
+def _mac(key: bytes, topic: str, payload: bytes) -> bytes:
+    return hmac.new(key, _MAC_CONTEXT + topic.encode("utf-8", "surrogatepass") + b"\0" + payload, hashlib.sha256).digest()
+
+
+def seal(key: bytes | None, topic: str, payload: bytes) -> bytes:
+    """`payload` as published to `topic`: in its envelope with its MAC (bare without a key)."""
+    if key is None:
+        return payload
+    return msgpack.packb({"msg": payload, "mac": _mac(key, topic, payload)}, use_bin_type=True)
+
+
+def unseal(key: bytes | None, topic: str, data: bytes) -> dict[str, Any]:
+    """The map a sealed message published to `topic` carries; Unauthenticated when its MAC is
+    missing or wrong (without a key: the bare map), ProtocolError when it is malformed."""
+    if key is None:
+        return decode(data)
+    envelope = decode(data)
+    payload, mac = envelope.get("msg"), envelope.get("mac")
+    if not isinstance(payload, bytes) or not isinstance(mac, bytes):
+        raise Unauthenticated("not sealed with the offload secret")
+    if not hmac.compare_digest(mac, _mac(key, topic, payload)):
+        raise Unauthenticated("bad MAC (another secret, another topic, or altered)")
+    return decode(payload)
 
 
 def valid_id(value: Any) -> bool:
@@ -142,5 +182,5 @@ def parse_chunk(obj: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
     return request_id, seq, obj
 
 
-def encode_cancel(request_id: str) -> bytes:
-    return msgpack.packb({"id": request_id}, use_bin_type=True)
+def encode_cancel(request_id: str, gateway: str) -> bytes:
+    return msgpack.packb({"id": request_id, "gateway": gateway}, use_bin_type=True)

@@ -5,8 +5,12 @@ the load, and streams each answer back as numbered chunks to the gateway's reply
 It serves with its own engine (EngineBackend, the engine socket) or by forwarding to any
 OpenAI-compatible upstream (UpstreamBackend: vLLM, TGI, another of our sidecars). Requests whose
 deadline has passed are refused (`expired`) rather than worked on; past `max_concurrent` they
-are refused `busy`, so that the gateway serves them some other way. Replies go only to topics
-of the form `{prefix}/{gw}/offload/reply`: a request cannot make a worker publish elsewhere."""
+are refused `busy`, so that the gateway serves them some other way.
+
+With the fleet's offload secret (protocol.seal) a request, or a cancel, that is not sealed with
+it is dropped unanswered. The answer goes only to `{prefix}/{gw}/offload/reply` of the gateway
+the request names (a reply topic naming any other is refused: a request cannot make a worker
+publish elsewhere), and only a cancel on that gateway's own cancel topic stops it."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import msgspec
 
 from edge_runtime.client import EngineError
 from edge_wire.frames import BUSY, INTERNAL, INVALID_REQUEST
+from edge_wire.settings import ConfigError
 
 from ..core.engine_link import EngineLink
 from ..core.errors import ApiError
@@ -158,21 +163,23 @@ class UpstreamBackend:
 
 class CloudWorker:
     def __init__(self, client: MqttClient, topics: Topics, config: CloudConfig, backend: Backend,
-                 metrics: MqttMetrics | None = None, worker_id: str | None = None) -> None:
+                 metrics: MqttMetrics | None = None, worker_id: str | None = None, key: bytes | None = None) -> None:
+        """`key`: the offload secret (None: bare messages, only with `allow_unauthenticated`)."""
         self.client = client
         self.topics = topics
         self.config = config
         self.backend = backend
         self.metrics = metrics
+        self.key = key
         self.worker_id = worker_id or f"{socket.gethostname()}-{client.client_id}"
         self.subscription = topics.offload_request(config.share_group)
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> (its gateway, its task)
         self.served = 0
 
     def start(self) -> list[asyncio.Future[int]]:
         """Subscribe; the futures resolve at the broker's acknowledgements."""
         subscribed = [self.client.subscribe(self.subscription, self._on_request, qos=1),
-                      self.client.subscribe(offload_cancel_topic(self.topics), self._on_cancel, qos=1)]
+                      self.client.subscribe(offload_cancel_topic(self.topics, "+"), self._on_cancel, qos=1)]
         log.info("cloud worker subscribed", extra={"filter": self.subscription, "backend": self.backend.name})
         return subscribed
 
@@ -180,7 +187,7 @@ class CloudWorker:
         """Take no more requests; let those being served finish within `grace_s`, then cancel
         the rest (their gateways get a `cancelled` ending)."""
         self.client.unsubscribe(self.subscription)
-        tasks = list(self._active.values())
+        tasks = [task for _, task in self._active.values()]
         if tasks and grace_s > 0:
             await asyncio.wait(tasks, timeout=grace_s)
         for task in tasks:
@@ -196,24 +203,27 @@ class CloudWorker:
 
     def _on_request(self, message: Message) -> None:
         props = message.properties
-        reply_to = props.response_topic
         try:
-            raw = protocol.decode(message.payload)
-        except protocol.ProtocolError as exc:
-            self._refuse(reply_to, _text_id(props.correlation_data), "rejected", INVALID_REQUEST, f"bad request: {exc}")
+            raw = protocol.unseal(self.key, message.topic, message.payload)
+        except protocol.ProtocolError as exc:  # nothing is sent in answer: its gateway, if any, is not known
+            outcome = "unauthenticated" if isinstance(exc, protocol.Unauthenticated) else "rejected"
+            log.warning("offload request dropped", extra={"outcome": outcome, "error": str(exc)})
+            self._count(outcome)
             return
         # Where to answer and with which id, learned before the rest is checked: errors go there too.
-        reply_to = reply_to or raw.get("reply_to")
+        gateway = raw.get("gateway")
+        reply_to = self._reply_topic(gateway)
+        asked = props.response_topic or raw.get("reply_to")
+        if reply_to is None or (asked is not None and asked != reply_to):
+            log.warning("offload request whose reply topic is not its gateway's dropped",
+                        extra={"gateway": str(gateway)[:80], "reply_to": str(asked)[:200]})
+            self._count("rejected")
+            return
         request_id = raw.get("id") if protocol.valid_id(raw.get("id")) else _text_id(props.correlation_data)
         try:
             request = protocol.parse_request(raw)
         except protocol.ProtocolError as exc:
             self._refuse(reply_to, request_id, "rejected", INVALID_REQUEST, f"bad request: {exc}")
-            return
-        if not self._reply_topic_ok(reply_to):
-            log.warning("offload request with a reply topic outside the offload tree dropped",
-                        extra={"id": request_id, "reply_to": str(reply_to)[:200]})
-            self._count("rejected")
             return
         remaining = self._remaining_s(props.message_expiry_s, request)
         if remaining <= 0:
@@ -227,19 +237,26 @@ class CloudWorker:
             return
         trace = trace_mqtt.from_message(props.user_properties, raw)
         task = asyncio.get_running_loop().create_task(self._serve(request, request_id, reply_to, remaining, trace))
-        self._active[request_id] = task
+        self._active[request_id] = (gateway, task)
         if self.metrics is not None:
             self.metrics.cloud_in_flight.set(len(self._active))
         task.add_done_callback(lambda _: self._finished(request_id))
 
     def _on_cancel(self, message: Message) -> None:
+        """Stop a request, when the cancel is sealed and comes from its own gateway's cancel topic."""
+        gateway = message.topic[len(self.topics.prefix) + 1:].split("/", 1)[0]
         try:
-            request_id = protocol.decode(message.payload).get("id")
-        except protocol.ProtocolError:
+            cancel = protocol.unseal(self.key, message.topic, message.payload)
+        except protocol.ProtocolError as exc:
+            log.warning("unauthenticated offload cancel ignored", extra={"gateway": gateway[:80], "error": str(exc)})
             return
-        task = self._active.get(request_id) if isinstance(request_id, str) else None
-        if task is not None:
-            task.cancel()
+        active = self._active.get(cancel.get("id")) if isinstance(cancel.get("id"), str) else None
+        if active is None:
+            return
+        if active[0] != gateway or cancel.get("gateway") != gateway:
+            log.warning("offload cancel from another gateway ignored", extra={"id": cancel["id"], "from": gateway[:80]})
+            return
+        active[1].cancel()
 
     async def _serve(self, request: protocol.OffloadRequest, request_id: str, reply_to: str, timeout_s: float,
                      trace: dict[str, str] | None) -> None:
@@ -291,7 +308,7 @@ class CloudWorker:
 
     def _publish(self, reply_to: str, request_id: str, payload: bytes) -> asyncio.Future[None]:
         props = MessageProperties(content_type=protocol.CONTENT_TYPE, correlation_data=request_id.encode())
-        return self.client.publish(reply_to, payload, qos=1, properties=props)
+        return self.client.publish(reply_to, protocol.seal(self.key, reply_to, payload), qos=1, properties=props)
 
     async def _send(self, reply_to: str, request_id: str, payload: bytes) -> None:
         """Publish a chunk; wait for the broker when half the outbound queue is in use."""
@@ -308,7 +325,7 @@ class CloudWorker:
                 estimated_wait_s: float | None = None) -> None:
         self._count(outcome)
         log.info("offload request refused", extra={"id": request_id, "code": code, "reason": message})
-        if request_id is None or not self._reply_topic_ok(reply_to):
+        if request_id is None or reply_to is None:
             return
         frame = protocol.error_frame(code, message, estimated_wait_s=estimated_wait_s)
         try:
@@ -316,18 +333,12 @@ class CloudWorker:
         except MqttError:
             pass
 
-    def _reply_topic_ok(self, topic: Any) -> bool:
-        """`{prefix}/{gw}/offload/reply` for a valid gateway id, and nothing else."""
-        if not isinstance(topic, str) or not topic.startswith(self.topics.prefix + "/"):
-            return False
-        levels = topic[len(self.topics.prefix) + 1:].split("/")
-        if len(levels) != 3 or levels[1:] != ["offload", "reply"]:
-            return False
+    def _reply_topic(self, gateway: Any) -> str | None:
+        """`{prefix}/{gw}/offload/reply` of a valid gateway id; None for anything else."""
         try:
-            check_name("gateway", levels[0])
-        except Exception:
-            return False
-        return True
+            return self.topics.offload_reply(check_name("gateway", gateway))
+        except ConfigError:
+            return None
 
     @staticmethod
     def _remaining_s(expiry_s: int | None, request: protocol.OffloadRequest) -> float:
