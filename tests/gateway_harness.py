@@ -30,6 +30,13 @@ from proxy.offload import CloudConfig, DevicesConfig, OffloadConfig
 ROOT = Path(__file__).resolve().parent.parent
 OFFLOAD_SECRET = secrets.token_hex(32)  # the test fleet's offload secret (gateways and workers share it)
 
+FORCE_OFFLOAD = {"max_memory_percent": 0.001}  # every device is "over" this: the router offloads everything (reason memory)
+
+
+def run(coro, timeout: float = 60):
+    """A test's coroutine on a fresh loop, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
 
 def mqtt_config(url: str, **kw: Any) -> MqttConfig:
     return MqttConfig(url=url, keepalive_s=5, reconnect_min_s=0.05, reconnect_max_s=0.3, **kw)

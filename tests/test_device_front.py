@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from engine_harness import Engine
-from gateway_harness import Gateway, mqtt_config, settings
+from gateway_harness import Gateway, mqtt_config, run, settings
 
 from proxy.config import ProxyConfig
 from proxy.mqtt import Message, MessageProperties, MqttClient
@@ -22,9 +22,6 @@ from proxy.safety import Category, SafetyConfig
 REQUEST = "edge/gw-dev/infer/request"
 REPLY = "edge/gw-dev/infer/reply"
 
-
-def run(coro, timeout: float = 60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,19 @@ from pathlib import Path
 import msgpack
 import pytest
 from engine_harness import Engine
-from gateway_harness import OFFLOAD_SECRET, Gateway, kill, mqtt_config, post, settings, sse_text, wait_for, worker_process
+from gateway_harness import (
+    FORCE_OFFLOAD,
+    OFFLOAD_SECRET,
+    Gateway,
+    kill,
+    mqtt_config,
+    post,
+    run,
+    settings,
+    sse_text,
+    wait_for,
+    worker_process,
+)
 
 from proxy.config import ProxyConfig
 from proxy.mqtt import MessageProperties, MqttClient, Topics
@@ -21,11 +33,7 @@ from proxy.offload import protocol
 
 USER = [{"role": "user", "content": "the quick brown fox"}]
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-FORCE_OFFLOAD = {"max_memory_percent": 0.001}  # every device is "over" this: the router offloads everything (reason memory)
 
-
-def run(coro, timeout: float = 60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,12 @@ import aiohttp
 import pytest
 from engine_harness import Engine
 from gateway_harness import (
+    FORCE_OFFLOAD,
     OFFLOAD_SECRET,
     Gateway,
     mqtt_config,
     post,
+    run,
     settings,
     wait_for,
 )
@@ -32,12 +34,8 @@ from proxy.mqtt import Message, MessageProperties, MqttClient
 from proxy.offload import protocol
 
 KEY = OFFLOAD_SECRET.encode()
-FORCE_OFFLOAD = {"max_memory_percent": 0.001}  # every device is "over" this: everything is offloaded
 TOKENS = 24
 
-
-def run(coro, timeout: float = 60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 @pytest.fixture(scope="module")
