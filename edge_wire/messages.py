@@ -84,6 +84,9 @@ def parse_op(frame: dict[str, Any]) -> Op:
     kind = _OPS.get(op) if isinstance(op, str) else None
     if kind is None:
         raise ProtocolError(UNKNOWN_OP, f"unknown op {op!r} (expected generate, cancel, status or models)", "op")
+    params = frame.get("params")
+    if isinstance(params, dict) and None in params.values():  # nil means the default (docs/engine-protocol.md)
+        frame = {**frame, "params": {key: value for key, value in params.items() if value is not None}}
     try:
         return msgspec.convert(frame, kind)
     except msgspec.ValidationError as exc:

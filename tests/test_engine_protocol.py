@@ -72,6 +72,8 @@ def test_parse_generate():
     assert (op.id, op.prompt, op.params.max_tokens, op.params.stop, op.timeout_s) == ("r1", "hi", 3, ["x"], 2.0)
     assert parse_op({"op": "generate", "id": "m", "messages": [{"role": "user", "content": "x"}]}).messages
     assert parse_op({"op": "generate", "id": "i", "prompt_ids": [1, 2]}).prompt_ids == [1, 2]
+    nil = parse_op({"op": "generate", "id": "n", "prompt": "hi", "params": {"temperature": None, "seed": None, "max_tokens": 4}})
+    assert (nil.params.temperature, nil.params.seed, nil.params.max_tokens) == (1.0, None, 4)  # nil: the default
 
 
 def test_parse_other_ops():
