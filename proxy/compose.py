@@ -23,7 +23,8 @@ from .safety import PolicySource
 # [proxy] keys a pushed config changes without a restart.
 LIVE_PROXY_KEYS = frozenset({"rate_limit_requests_per_min", "rate_limit_tokens_per_min", "cache_enabled",
                              "cache_max_entries", "cache_max_bytes", "cache_ttl_s", "request_timeout_s", "log_level"})
-_CACHE_KEYS = ("cache_enabled", "cache_max_entries", "cache_max_bytes", "cache_ttl_s")
+_RATE_KEYS = frozenset({"rate_limit_requests_per_min", "rate_limit_tokens_per_min"})
+_CACHE_KEYS = frozenset({"cache_enabled", "cache_max_entries", "cache_max_bytes", "cache_ttl_s"})
 
 
 @dataclass
@@ -39,23 +40,25 @@ class Parts:
 
     def apply_live(self, changes: Mapping[str, Any]) -> None:
         """Apply pushed `[proxy]` keys (names from LIVE_PROXY_KEYS) to the parts that hold them."""
-        live = {key: changes.get(key, getattr(self.config, key)) for key in LIVE_PROXY_KEYS}
-        if changes.keys() & {"rate_limit_requests_per_min", "rate_limit_tokens_per_min"}:
-            self.limiter.default = Limits(live["rate_limit_requests_per_min"], live["rate_limit_tokens_per_min"])
-        if changes.keys() & set(_CACHE_KEYS):
-            service = self.service
-            if not live["cache_enabled"]:
-                service.cache = None
-            elif service.cache is None:
-                service.cache = ResponseCache(live["cache_max_entries"], live["cache_max_bytes"], live["cache_ttl_s"],
-                                              shared=self.config.cache_shared)
+        self.config = config = self.config.with_overrides(**changes)
+        if changes.keys() & _RATE_KEYS:
+            self.limiter.default = Limits(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min)
+        if changes.keys() & _CACHE_KEYS:
+            if self.service.cache is None or not config.cache_enabled:
+                self.service.cache = response_cache(config)
             else:
-                service.cache.resize(live["cache_max_entries"], live["cache_max_bytes"], live["cache_ttl_s"])
+                self.service.cache.resize(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s)
         if "request_timeout_s" in changes:
-            self.service.timeout_s = live["request_timeout_s"]
+            self.service.timeout_s = config.request_timeout_s
         if "log_level" in changes:
-            logging.getLogger().setLevel(str(live["log_level"]).upper())
-        self.config = self.config.with_overrides(**{k: v for k, v in changes.items() if k in LIVE_PROXY_KEYS})
+            logging.getLogger().setLevel(config.log_level.upper())
+
+
+def response_cache(config: ProxyConfig) -> ResponseCache | None:
+    """The response cache `config` asks for (None: off)."""
+    if not config.cache_enabled:
+        return None
+    return ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s, shared=config.cache_shared)
 
 
 def build(config: ProxyConfig) -> Parts:
@@ -64,7 +67,6 @@ def build(config: ProxyConfig) -> Parts:
     limiter = RateLimiter(config.rate_limit_requests_per_min, config.rate_limit_tokens_per_min, config.rate_limit_tiers)
     safety = PolicySource(config.safety, metrics.safety_event)
     router = Router(link)  # local engine first; the cloud too once offload is enabled (proxy/broker.py)
-    cache = (ResponseCache(config.cache_max_entries, config.cache_max_bytes, config.cache_ttl_s, shared=config.cache_shared)
-             if config.cache_enabled else None)
-    service = CompletionService(link, router, metrics, safety, config.model_aliases, config.request_timeout_s, cache)
+    service = CompletionService(link, router, metrics, safety, config.model_aliases, config.request_timeout_s,
+                                response_cache(config))
     return Parts(config, link, Authenticator(config.api_keys, config.jwt), limiter, metrics, safety, router, service)

@@ -43,7 +43,6 @@ class Sidecar:
 
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
-        self.config = parts.config
         self.link = parts.link
         self.auth = parts.auth
         self.limiter = parts.limiter
@@ -53,6 +52,11 @@ class Sidecar:
         self.openapi = json.dumps(document(parts.config, self.auth.enabled)).encode()
         self.started = int(time.time())
         self.draining = False  # set when shutdown begins (SidecarRunner.cleanup)
+
+    @property
+    def config(self) -> ProxyConfig:
+        """The config in force (a controller's push replaces it in the parts)."""
+        return self.parts.config
 
     # -- middleware and guards ------------------------------------------------------------
 
