@@ -281,3 +281,13 @@ requests_per_min = 100
         config = ProxyConfig(jwt={"issuer": ISS, "audience": AUD, "keys": [source]})
         with pytest.raises(ConfigError, match=f"jwt.keys: .*{message}"):
             build_app(config)
+
+
+def test_a_binary_secret_that_starts_like_json_is_a_secret_and_a_jwk_is_not(tmp_path):
+    """Random secret bytes start with `{` one time in 256: only a real JWK is refused as a secret."""
+    secret, jwk = tmp_path / "secret.key", tmp_path / "jwk.key"
+    secret.write_bytes(b" {" + bytes(range(200, 240)))
+    jwk.write_text('{"kty": "oct", "k": "' + "A" * 48 + '"}')
+    build_app(ProxyConfig(jwt={"issuer": ISS, "audience": AUD, "keys": [{"secret_file": str(secret), "kid": "s"}]}))
+    with pytest.raises(ConfigError, match="looks like a PEM key or JWK"):
+        build_app(ProxyConfig(jwt={"issuer": ISS, "audience": AUD, "keys": [{"secret_file": str(jwk), "kid": "s"}]}))

@@ -62,7 +62,7 @@ def load_source(source: KeySource, allowed: tuple[str, ...]) -> list[VerifyKey]:
         raise KeyFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if source.secret_file is not None:
         secret = data[:-1] if data.endswith(b"\n") else data
-        if secret.lstrip().startswith((b"-----BEGIN", b"ssh-", b"{")):
+        if _looks_like_public_key(secret):
             raise KeyFileError(f"{path}: looks like a PEM key or JWK, not a shared secret (use pem_file or jwks_file)")
         if len(secret) < MIN_SECRET_BYTES:
             raise KeyFileError(f"{path}: an HMAC secret must be at least {MIN_SECRET_BYTES} bytes")
@@ -70,6 +70,21 @@ def load_source(source: KeySource, allowed: tuple[str, ...]) -> list[VerifyKey]:
     if source.pem_file is not None:
         return [_pinned(source.kid, _pem_public_key(data, path), allowed, None, path)]
     return _jwks(data, allowed, path)
+
+
+def _looks_like_public_key(secret: bytes) -> bool:
+    """A PEM block, an OpenSSH key or a JWK put where a shared secret belongs. Random secret bytes
+    can start with `{` or whitespace, so a JWK counts only when it parses as one."""
+    text = secret.lstrip()
+    if text.startswith((b"-----BEGIN", b"ssh-")):
+        return True
+    if not text.startswith(b"{"):
+        return False
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and ("kty" in parsed or "keys" in parsed)
 
 
 def _pem_public_key(data: bytes, path: Path) -> Any:
