@@ -15,6 +15,7 @@ import threading
 from typing import Any, TypeVar
 
 import tokenizers
+from tokenizers.decoders import DecodeStream
 
 from edge_runtime.chat_template import render_chat_template
 from edge_runtime.errors import CheckpointError, InvalidRequest
@@ -256,33 +257,33 @@ class Tokenizer:
 class IncrementalDecoder:
     """Turns one stream of generated ids into text pieces, never splitting a multi-byte character.
 
-    Each push decodes a small window (from `_prefix` on) and returns only what the new id adds after the
-    text already returned (up to `_read`); text ending in U+FFFD is an incomplete character and is held
-    back until later ids complete it, as text-generation-inference and vLLM do.
+    The `tokenizers` library's DecodeStream does the work in one native call per id (it decodes a
+    small window and holds back text ending in an incomplete character, as text-generation-inference
+    and vLLM do). The ids since the last piece are kept so that `flush` can end a stream cut
+    mid-character the way `decode` would.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
-        self._tokenizer = tokenizer
+        self._backend = tokenizer._backend
         self._skip_special_tokens = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def _pending_text(self) -> tuple[str, str]:
-        decode = functools.partial(self._tokenizer.decode, skip_special_tokens=self._skip_special_tokens)
-        return decode(self._ids[self._prefix : self._read]), decode(self._ids[self._prefix :])
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._window: list[int] = []  # the ids of the last piece, then those not yet shown
+        self._shown = 0  # how many of `_window` the pieces so far covered
 
     def push(self, token_id: int) -> str:
         """The text that `token_id` makes final ('' while a character is incomplete)."""
-        self._ids.append(token_id)
-        done, text = self._pending_text()
-        if len(text) <= len(done) or text.endswith("\ufffd"):
+        self._window.append(token_id)
+        piece = self._stream.step(self._backend, token_id)
+        if piece is None:
             return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(done) :]
+        self._window = self._window[self._shown :]
+        self._shown = len(self._window)
+        return piece
 
     def flush(self) -> str:
         """Whatever is held back at the end of the stream (incomplete bytes come out as U+FFFD, like decode)."""
-        done, text = self._pending_text()
-        self._prefix = self._read = len(self._ids)
+        decode = functools.partial(self._backend.decode, skip_special_tokens=self._skip_special_tokens)
+        done, text = decode(self._window[: self._shown]), decode(self._window)
+        self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+        self._window, self._shown = [], 0
         return text[len(done) :]
