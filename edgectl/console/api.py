@@ -172,7 +172,7 @@ async def pushes(request: web.Request) -> web.Response:
 
 
 async def validate(request: web.Request) -> web.Response:
-    target, config = await _read_push(request)
+    target, config, _ = await _read_push(request)
     reasons = schema.validate(config, request.app[TABLES], signed=request.app[LISTENER].key is not None)
     return _json({"target": target, "config": config, "ok": not reasons, "reasons": reasons})
 
@@ -181,8 +181,7 @@ async def push(request: web.Request) -> web.Response:
     listener = request.app[LISTENER]
     if listener.key is None:
         raise error(403, "read-only: the console has no signing key (edgectl serve --key FILE)", "read_only")
-    target, config = await _read_push(request)
-    body = request["body"]
+    target, config, body = await _read_push(request)
     reasons = schema.validate(config, request.app[TABLES], signed=True)
     if reasons and body.get("force") is not True:
         raise error(400, "the config breaks the gateways' rules (send force: true to let the gateways decide)", "invalid_config",
@@ -194,8 +193,8 @@ async def push(request: web.Request) -> web.Response:
     return _json({"target": target, "version": version, "issued_by": request[USER]}, status=202)
 
 
-async def _read_push(request: web.Request) -> tuple[str, dict[str, dict[str, Any]]]:
-    """(target, config tables) from a {"target", "toml"} body; 400 with the reason otherwise."""
+async def _read_push(request: web.Request) -> tuple[str, dict[str, dict[str, Any]], dict[str, Any]]:
+    """(target, config tables, body) from a {"target", "toml"} body; 400 with the reason otherwise."""
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise error(413, f"body over {MAX_BODY_BYTES} bytes", "too_large")
     try:
@@ -204,7 +203,6 @@ async def _read_push(request: web.Request) -> tuple[str, dict[str, dict[str, Any
         raise error(400, "body must be JSON: {\"target\": ..., \"toml\": ...}", "bad_request") from None
     if not isinstance(body, dict) or not isinstance(body.get("toml"), str) or not isinstance(body.get("target"), str):
         raise error(400, "body must be {\"target\": \"gw-1\" | \"group:NAME\", \"toml\": \"[proxy]\\n...\"}", "bad_request")
-    request["body"] = body
     target = body["target"]
     try:
         check_name("group" if target.startswith(GROUP_PREFIX) else "gateway", target.removeprefix(GROUP_PREFIX))
@@ -222,7 +220,7 @@ async def _read_push(request: web.Request) -> tuple[str, dict[str, dict[str, Any
     except (TypeError, ValueError):  # TOML dates and times, inf, nan: a document carries JSON values
         raise error(400, "values must be JSON values (no dates, times, inf or nan)", "bad_toml",
                     reasons={"toml": "values must be JSON values (no dates, times, inf or nan)"}) from None
-    return target, config
+    return target, config, body
 
 
 def _number(text: str, name: str, low: float, high: float) -> float:

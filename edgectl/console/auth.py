@@ -34,7 +34,8 @@ from .config import ConsoleConfig
 
 SESSION_COOKIE = "console_session"
 CSRF_HEADER = "X-Console-Csrf"
-USER = web.AppKey("console_user", str)
+# Who made the request (set by the middleware); RequestKey where this aiohttp has it.
+USER = web.RequestKey("console_user", str) if hasattr(web, "RequestKey") else "console_user"
 _REALM = {"WWW-Authenticate": 'Basic realm="edgectl console", charset="UTF-8"'}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

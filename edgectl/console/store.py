@@ -30,6 +30,7 @@ class HistoryStore:
     def __init__(self, path: str | None, *, max_age_s: float, max_bytes: int) -> None:
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
+        self.path = path
         self.db = sqlite3.connect(path or ":memory:", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file: freed pages can be returned
         if path:
@@ -51,7 +52,8 @@ class HistoryStore:
         rows = list(self._pending)
         self._pending.clear()
         if rows:
-            with self.db:
+            with self.db:  # one transaction for the batch
+                self.db.execute("BEGIN")
                 self.db.executemany("INSERT INTO points VALUES (?, ?, ?)", rows)
         return len(rows)
 
@@ -104,18 +106,20 @@ class HistoryStore:
         """Drop what is past the age bound, then the oldest points while over the size bound;
         returns the points dropped."""
         cutoff = (time.time() if now is None else now) - self.max_age_s
-        with self.db:
-            dropped = self.db.execute("DELETE FROM points WHERE ts < ?", (cutoff,)).rowcount
-            self.db.execute("DELETE FROM pushes WHERE COALESCE(issued_at, seen) < ?", (cutoff,))
-            self.db.execute("DELETE FROM reports WHERE ts < ?", (cutoff,))
-        while self.used_bytes() > self.max_bytes:
-            with self.db:
-                gone = self.db.execute("DELETE FROM points WHERE rowid IN (SELECT rowid FROM points ORDER BY rowid LIMIT ?)",
-                                       (PRUNE_BATCH,)).rowcount
+        dropped = self.db.execute("DELETE FROM points WHERE ts < ?", (cutoff,)).rowcount
+        self.db.execute("DELETE FROM pushes WHERE COALESCE(issued_at, seen) < ?", (cutoff,))
+        self.db.execute("DELETE FROM reports WHERE ts < ?", (cutoff,))
+        while (used := self.used_bytes()) > self.max_bytes:
+            rows = self.db.execute("SELECT count(*) FROM points").fetchone()[0]
+            excess = min(PRUNE_BATCH, int(rows * (used - self.max_bytes) / used) + 1)  # about the share over the bound
+            gone = self.db.execute("DELETE FROM points WHERE rowid IN (SELECT rowid FROM points ORDER BY rowid LIMIT ?)",
+                                   (excess,)).rowcount
             if not gone:
                 break
             dropped += gone
-        self.db.execute("PRAGMA incremental_vacuum")
+        self.db.executescript("PRAGMA incremental_vacuum;")  # (execute() would free one page: the pragma works as it is stepped)
+        if self.path:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file shrinks when the log is written back
         return dropped
 
 
@@ -142,6 +146,8 @@ def _merge(group: list[dict[str, Any]]) -> dict[str, Any]:
                 for reason, n in by_reason.items():
                     merged[reason] = merged.get(reason, 0) + n
             out[key] = merged
+        elif not all(isinstance(v, (int, float)) for v in values):
+            out[key] = values[-1]  # not a figure: the latest stands
         elif key in _SUMMED:
             out[key] = sum(values)
         else:

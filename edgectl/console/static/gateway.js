@@ -43,6 +43,8 @@
       const count = series.reduce((n, s) => n + s.points.length, 0);
       if (spec.optional) fig.hidden = count === 0;
       fig.dataset.points = String(count);
+      const newest = Math.max(0, ...series.map(s => s.points.length ? s.points[s.points.length - 1][0] : 0));
+      if (newest) fig.dataset.lastTs = String(newest);  // the newest point drawn (tests and the benchmark read it)
       const last = series.length === 1 && series[0].points.length ? series[0].points[series[0].points.length - 1][1] : null;
       const latest = last === null ? (spec.multi && count ? `${count} points` : "–") : `${+last.toFixed(2)} ${spec.unit}`;
       caption.querySelector(".latest").textContent = latest;
@@ -123,9 +125,9 @@
 
   // -- push -------------------------------------------------------------------------------------
   const result = document.getElementById("push-result");
-  function showReasons(title, reasons, cls) {
+  function showReasons(title, reasons, cls, listClass = "reasons") {
     result.replaceChildren(el("p", { class: cls, text: title }),
-      el("ul", { class: "reasons" }, ...Object.entries(reasons || {}).map(([k, v]) => el("li", { "data-key": k, text: `${k}: ${v}` }))));
+      el("ul", { class: listClass }, ...Object.entries(reasons || {}).map(([k, v]) => el("li", { "data-key": k, text: `${k}: ${v}` }))));
   }
   function body() {
     return JSON.stringify({ target: document.getElementById("target").value, toml: document.getElementById("toml").value,
@@ -153,7 +155,7 @@
     watching = null;
     result.dataset.outcome = rep.status;
     if (rep.status === "rejected") showReasons(`Rejected by ${detail.id} (version ${rep.version}):`, rep.reasons, "bad");
-    else showReasons(`${rep.status === "applied" ? "Applied" : "Partly applied"} by ${detail.id}: version ${rep.version} in force.`, rep.results, rep.status === "applied" ? "ok" : "bad");
+    else showReasons(`${rep.status === "applied" ? "Applied" : "Partly applied"} by ${detail.id}: version ${rep.version} in force.`, rep.results, rep.status === "applied" ? "ok" : "bad", "results");
     loadPushes();
   }
 
