@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from console_harness import CHROMIUM, KEEPALIVE_S, ConsoleProcess, is_loopback_url, kill, start_sidecar, stop, wait_until
+from console_harness import CHROMIUM, KEEPALIVE_S, ConsoleProcess, is_loopback_url, kill, start_sidecar, stop
 from mqtt_harness import make_tls_files
 
 from proxy.auth.keys import hash_key

@@ -4,7 +4,6 @@ FleetListener, and running it (HTTP on loopback, HTTPS elsewhere: config.py says
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import ssl
 from importlib import resources
@@ -22,7 +21,6 @@ from .config import ConsoleConfig
 from .fleet_listener import FleetListener
 from .store import HistoryStore
 
-log = logging.getLogger("edgectl.console")
 STATIC = Path(str(resources.files("edgectl.console") / "static"))
 _PAGES = {"/": "index.html", "/gateway/{id}": "gateway.html"}
 
