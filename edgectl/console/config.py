@@ -43,7 +43,7 @@ class ConsoleConfig(Table):
     db_path: Annotated[Text | None, Meta(
         description="SQLite history file (default: in memory, gone at exit)", examples=["/var/lib/edgectl/console.sqlite3"])] = None
     history_max_age_s: Annotated[float, Meta(ge=60, le=366 * 86400, description="telemetry older than this is dropped")] = 86400.0
-    history_max_bytes: Annotated[int, Meta(ge=1 << 20, le=1 << 40, description="the history file's size bound; oldest dropped beyond")] = 64 << 20
+    history_max_bytes: Annotated[int, Meta(ge=1 << 20, le=1 << 40, description="the history's size bound (about 300 bytes a telemetry message); oldest dropped beyond")] = 256 << 20
     hot_c: Annotated[float, Meta(ge=0, le=150, description="health flag 'hot' at or above this temperature (any sensor, GPU too)")] = 85.0
     memory_percent: Annotated[float, Meta(ge=0, le=100, description="health flag 'memory' at or above this host memory use")] = 90.0
     offload_fraction: Annotated[float, Meta(

@@ -34,7 +34,9 @@
       let series;
       if (spec.multi) {
         const reasons = [...new Set(points.flatMap(p => Object.keys(p[spec.key] || {})))].sort();
-        series = reasons.map(r => ({ name: r, points: points.filter(p => p[spec.key]).map(p => [p.ts, p[spec.key][r] || 0]) }));
+        // a point with sidecar figures but no offload offloaded nothing: zero, not a gap
+        const counted = points.filter(p => p[spec.key] || typeof p.requests === "number");
+        series = reasons.map(r => ({ name: r, points: counted.map(p => [p.ts, (p[spec.key] || {})[r] || 0]) }));
         legend.replaceChildren(...reasons.map((r, i) => el("span", { style: null, text: `${i ? " · " : ""}■ ${r}` })));
         legend.querySelectorAll("span").forEach((s, i) => { s.style.color = Chart.COLORS[i % Chart.COLORS.length]; });
       } else {
