@@ -261,10 +261,10 @@ def main() -> None:
         work = Path(tmp)
         broker = Broker(work / "broker")
         broker.start()
-        subprocess.run([sys.executable, "-m", "edgectl.cli", "keygen", str(work / "ctl")], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "edgectl", "keygen", str(work / "ctl")], env=env, check=True, capture_output=True)
         sim = subprocess.Popen([sys.executable, __file__, "simulate", "--broker", broker.url, "--gateways", str(args.gateways),
                                 "--period", str(args.period)], env=env, stderr=open(work / "sim.log", "wb"))
-        console = subprocess.Popen([sys.executable, "-m", "edgectl.cli", "--broker", broker.url, "serve", "--port", "0",
+        console = subprocess.Popen([sys.executable, "-m", "edgectl", "--broker", broker.url, "serve", "--port", "0",
                                     "--key", str(work / "ctl.key"), "--db", str(work / "console.sqlite3")],
                                    env=env, stdout=subprocess.PIPE, stderr=open(work / "console.log", "wb"), text=True)
         try:

@@ -300,8 +300,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, data: dict[str, Any], path: Path | None, mqtt: MqttConfig) -> int:
+    from edge_runtime.logs import setup_logging
+
     from .console.config import console_config_from
     from .console.server import serve
+
+    setup_logging("warning")  # JSON lines on stderr, as the gateway's daemons log
 
     config = console_config_from(data, path).with_overrides(host=args.host, port=args.port, db_path=args.db,
                                                             key_file=str(args.key) if args.key else None)

@@ -54,7 +54,7 @@ class ConsoleProcess:
     """`edgectl serve` on a free port; `url` once it says where it listens."""
 
     def __init__(self, log_path: Path, broker_url: str, *args: str, config: Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "edgectl.cli", "--broker", broker_url]
+        cmd = [sys.executable, "-m", "edgectl", "--broker", broker_url]
         if config is not None:
             cmd += ["--config", str(config)]
         self.log_path = log_path

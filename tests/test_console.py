@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from console_harness import CHROMIUM, KEEPALIVE_S, ConsoleProcess, is_loopback_url, kill, start_sidecar, stop
+from console_harness import CHROMIUM, KEEPALIVE_S, ConsoleProcess, is_loopback_url, kill, start_sidecar, stop, wait_until
 from mqtt_harness import make_tls_files
 
 from proxy.auth.keys import hash_key
@@ -40,6 +40,7 @@ def fleet(broker, tmp_path_factory):
     sidecars = {gw: start_sidecar(root / gw, broker.url, gw, groups, root / "ctl.pub") for gw, groups in GATEWAYS.items()}
     console = ConsoleProcess(root / "console.log", broker.url, "--key", str(root / "ctl.key"))
     try:
+        wait_until(lambda: _get(console.url, "/api/v1/gateways")[1]["counts"]["online"] == len(GATEWAYS), 60, "the sidecars online")
         yield {"root": root, "sidecars": sidecars, "console": console, "broker": broker}
     finally:
         console.stop()
@@ -153,6 +154,14 @@ def test_a_push_from_the_page_is_applied_and_the_reported_version_shows(fleet, p
     summary = page.locator("#summary").inner_text()
     assert f"gw-a: {version} / {version}" in summary  # desired / reported
     until(page, lambda: "@" in page.locator("#pushes tbody tr td:nth-child(4)").first.inner_text())
+    # To a group: every member takes it; the page follows this gateway's report.
+    page.get_by_label("Target").select_option("group:site")
+    page.get_by_role("textbox", name="Configuration").fill("[proxy]\ncache_ttl_s = 300\n")
+    page.get_by_role("button", name="Push").click()
+    page.locator('#push-result[data-outcome="applied"]').wait_for()
+    group_version = int(page.locator("#push-result").inner_text().split("version ", 1)[1].split(" ", 1)[0])
+    wait_until(lambda: _get(fleet["console"].url, "/api/v1/gateways/gw-b")[1]["config"]["group:site"]
+               == {"desired": group_version, "applied": group_version}, 20, "gw-b to report the group's push")
     assert page.errors == [] and page.blocked == []
     if SCREENSHOTS:
         until(page, lambda: int(page.locator('figure[data-series="cpu"]').get_attribute("data-points")) >= 20)
@@ -218,7 +227,7 @@ def test_requests_are_refused_without_credentials_off_loopback_and_cross_site(fl
     assert status == 200 and body["reasons"] == {"mqtt": "broker settings are set locally (a wrong push would cut the gateway off)"}
 
     # Off loopback: no start without credentials, nor without TLS.
-    done = subprocess.run([sys.executable, "-m", "edgectl.cli", "--broker", fleet["broker"].url, "serve", "--host", "0.0.0.0"],
+    done = subprocess.run([sys.executable, "-m", "edgectl", "--broker", fleet["broker"].url, "serve", "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert done.returncode == 2 and "tokens: required when listening on 0.0.0.0 (not loopback)" in done.stderr
     # With a token, a user and TLS: a remote request without credentials gets 401, with them 200.

@@ -99,13 +99,13 @@ def row(state: GatewayState, listener: FleetListener, config: ConsoleConfig) -> 
         "telemetry_ts": tel.get("ts"),
         "cpu": host.get("cpu_percent"),
         "mem": host.get("mem_percent"),
-        "config": {t: {"desired": (listener.desired.get(t) or {}).get("version"), "applied": applied.get(t)} for t in _targets(state, listener)},
+        "config": {t: {"desired": (listener.desired.get(t) or {}).get("version"), "applied": applied.get(t)} for t in _targets(state)},
         "report": {"status": rep.get("status"), "target": rep.get("target"), "version": rep.get("version")} if rep else None,
         "flags": flags(state.status, state.reported, state.telemetry, state.recent, config),
     }
 
 
-def _targets(state: GatewayState, listener: FleetListener) -> list[str]:
+def _targets(state: GatewayState) -> list[str]:
     """The gateway's layers, lowest first: its groups, then itself (sync.targets_of)."""
     groups = (state.status or {}).get("groups") or []
     return [*(group_target(g) for g in groups if isinstance(g, str)), state.id]
@@ -120,7 +120,7 @@ def _state(request: web.Request) -> GatewayState:
 
 async def gateway(request: web.Request) -> web.Response:
     listener, state = request.app[LISTENER], _state(request)
-    targets = _targets(state, listener)
+    targets = _targets(state)
     return _json({**row(state, listener, request.app[CONFIG]), "telemetry": state.telemetry, "reported": state.reported,
                   "desired": {t: listener.desired.get(t) for t in targets}, "keys": key_status(state, listener, targets)})
 
@@ -168,7 +168,7 @@ async def series(request: web.Request) -> web.Response:
 
 async def pushes(request: web.Request) -> web.Response:
     listener, state = request.app[LISTENER], _state(request)
-    return _json({"pushes": listener.store.pushes(_targets(state, listener), state.id)})
+    return _json({"pushes": listener.store.pushes(_targets(state), state.id)})
 
 
 async def validate(request: web.Request) -> web.Response:

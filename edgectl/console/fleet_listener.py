@@ -133,6 +133,8 @@ class FleetListener:
         except DocumentError as exc:
             log.warning("undecodable desired document on the broker", extra={"target": target, "reasons": exc.reasons})
             return
+        if target not in self.desired and len(self.desired) >= 2 * MAX_GATEWAYS:
+            return  # a broker flooded with made-up targets
         self.desired[target] = doc
         self.store.record_push(doc)
 
