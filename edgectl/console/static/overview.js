@@ -58,9 +58,9 @@
     if (!g.flags.length) flags.append(el("span", { class: "ok", text: "ok" }));
     return [
       el("th", { scope: "row" }, el("a", { href: `/gateway/${encodeURIComponent(g.id)}`, text: g.id })),
-      presence, el("td", { text: g.boot ?? "–" }), el("td", { text: g.version ?? "–" }), el("td", { text: g.groups.join(", ") || "–" }),
-      el("td", { text: g.model ?? (g.engine_up === false ? "engine down" : "–") }), cfg,
-      el("td", { text: num(g.cpu) }), el("td", { text: num(g.mem) }), flags,
+      presence, flags, el("td", { text: num(g.cpu) }), el("td", { text: num(g.mem) }), cfg,
+      el("td", { text: g.model ?? (g.engine_up === false ? "engine down" : "–") }), el("td", { text: g.groups.join(", ") || "–" }),
+      el("td", { text: g.version ?? "–" }), el("td", { text: g.boot ?? "–" }),
     ];
   }
   function render() {
