@@ -261,3 +261,32 @@ def test_api_push_is_signed_and_recorded_with_who_issued_it(mosquitto, tmp_path)
             await client.close()
 
     run(main())
+
+
+def test_malformed_payloads_on_the_broker_do_not_break_the_overview(mosquitto):
+    async def main():
+        client = await api_client(mosquitto.url)
+        rogue = MqttClient(MqttConfig(url=mosquitto.url), "rogue")
+        await rogue.start()
+        try:
+            await rogue.publish("edge/gw-x/status", json.dumps({"state": "online", "groups": "not-a-list", "boot": "?"}).encode(), qos=1, retain=True)
+            await rogue.publish("edge/gw-x/telemetry", msgpack.packb({"ts": time.time(), "host": "x", "engine": [1], "fleet": 3, "proxy": "y", "gpus": 7, "jetson": [2]}),
+                                qos=1, retain=True)
+            await rogue.publish("edge/gw-x/config/reported", json.dumps({"status": 1, "applied": [], "needs_restart": 5, "reasons": "z"}).encode(),
+                                qos=1, retain=True)
+            await rogue.publish("edge/gw-y/telemetry", b"\xc1 not msgpack", qos=1, retain=True)
+            await rogue.publish("edge/gw-x/config/desired", b'{"version": "x"}', qos=1, retain=True)
+
+            async def seen():
+                r = await client.get("/api/v1/gateways/gw-x")
+                return r.status == 200 and (await r.json())["reported"] is not None and (await r.json())["telemetry"] is not None
+            await until(seen)
+            body = await (await client.get("/api/v1/gateways")).json()
+            assert [g["id"] for g in body["gateways"]] == ["gw-x"] and body["gateways"][0]["groups"] == []
+            assert (await client.get("/api/v1/gateways/gw-x/series")).status == 200
+            assert (await client.get("/api/v1/gateways/gw-x/pushes")).status == 200
+        finally:
+            await rogue.stop()
+            await client.close()
+
+    run(main())

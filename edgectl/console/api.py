@@ -30,6 +30,7 @@ from .auth import CSRF_HEADER, SESSION_COOKIE, USER, Access, error
 from .config import ConsoleConfig
 from .fleet_listener import FleetListener, GatewayState
 from .health import FLAGS, flags
+from .metrics import as_dict
 
 LISTENER = web.AppKey("console_listener", FleetListener)
 ACCESS = web.AppKey("console_access", Access)
@@ -79,9 +80,8 @@ async def overview(request: web.Request) -> web.Response:
 
 def row(state: GatewayState, listener: FleetListener, config: ConsoleConfig) -> dict[str, Any]:
     status, tel, rep = state.status or {}, state.telemetry or {}, state.reported or {}
-    host, engine = tel.get("host") or {}, tel.get("engine") or {}
-    model = engine.get("model") if isinstance(engine.get("model"), dict) else {}
-    applied = rep.get("applied") if isinstance(rep.get("applied"), dict) else {}
+    host, engine, model = as_dict(tel.get("host")), as_dict(tel.get("engine")), as_dict(as_dict(tel.get("engine")).get("model"))
+    applied = as_dict(rep.get("applied"))
     since = state.since
     if status.get("state") != "online" and isinstance(tel.get("ts"), (int, float)) and (since is None or tel["ts"] > since):
         since = tel["ts"]  # a Last Will carries the connect time: the last telemetry is nearer to when it went
@@ -92,7 +92,7 @@ def row(state: GatewayState, listener: FleetListener, config: ConsoleConfig) -> 
         "reason": status.get("reason"),
         "boot": status.get("boot", tel.get("boot")),
         "version": status.get("version"),
-        "groups": status.get("groups", []),
+        "groups": _groups(state),
         "allow_unsigned": status.get("allow_unsigned"),
         "model": model.get("id"),
         "engine_up": engine.get("up") if engine else None,
@@ -105,10 +105,14 @@ def row(state: GatewayState, listener: FleetListener, config: ConsoleConfig) -> 
     }
 
 
+def _groups(state: GatewayState) -> list[str]:
+    groups = (state.status or {}).get("groups")
+    return [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+
+
 def _targets(state: GatewayState) -> list[str]:
     """The gateway's layers, lowest first: its groups, then itself (sync.targets_of)."""
-    groups = (state.status or {}).get("groups") or []
-    return [*(group_target(g) for g in groups if isinstance(g, str)), state.id]
+    return [*(group_target(g) for g in _groups(state)), state.id]
 
 
 def _state(request: web.Request) -> GatewayState:
@@ -130,8 +134,8 @@ def key_status(state: GatewayState, listener: FleetListener, targets: list[str])
     about it: applied, needs_restart (pending: restart), rejected (and why), pending (no report
     on that version yet), or in force (applied in an earlier report)."""
     rep = state.reported or {}
-    applied = rep.get("applied") if isinstance(rep.get("applied"), dict) else {}
-    restart = set(rep.get("needs_restart") or ())
+    applied, reasons, results = as_dict(rep.get("applied")), as_dict(rep.get("reasons")), as_dict(rep.get("results"))
+    restart = {k for k in rep.get("needs_restart") or () if isinstance(k, str)} if isinstance(rep.get("needs_restart"), list) else set()
     rows = []
     for target in targets:
         doc = listener.desired.get(target)
@@ -142,10 +146,10 @@ def key_status(state: GatewayState, listener: FleetListener, targets: list[str])
             reason = None
             if answered and rep.get("status") == "rejected":
                 status = "rejected"
-                reason = (rep.get("reasons") or {}).get(key)
-            elif answered and key in (rep.get("results") or {}):
-                status = rep["results"][key]
-                reason = (rep.get("reasons") or {}).get(key)
+                reason = reasons.get(key)
+            elif answered and key in results:
+                status = str(results[key])
+                reason = reasons.get(key)
             elif applied.get(target) == doc["version"]:
                 status = "in force"
             else:

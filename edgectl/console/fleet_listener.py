@@ -90,9 +90,9 @@ class FleetListener:
         return state
 
     def _on_status(self, message: Message) -> None:
-        state = self._gateway(message.topic)
         status = _decode(message.payload)
-        if state is None or not isinstance(status, dict):
+        state = self._gateway(message.topic) if isinstance(status, dict) else None  # a gateway appears once it says something readable
+        if state is None:
             return
         changed = state.status is None or state.status.get("state") != status.get("state") or state.status.get("boot") != status.get("boot")
         state.status = status
@@ -101,9 +101,10 @@ class FleetListener:
             state.since = ts
 
     def _on_telemetry(self, message: Message) -> None:
-        state = self._gateway(message.topic)
         telemetry = _decode(message.payload)
-        if state is None or not isinstance(telemetry, dict) or not isinstance(telemetry.get("ts"), (int, float)):
+        readable = isinstance(telemetry, dict) and isinstance(telemetry.get("ts"), (int, float))
+        state = self._gateway(message.topic) if readable else None
+        if state is None:
             return
         previous = state.telemetry
         if previous is not None and (previous.get("boot"), previous.get("seq")) == (telemetry.get("boot"), telemetry.get("seq")):
@@ -117,9 +118,9 @@ class FleetListener:
             state.since = telemetry["ts"]
 
     def _on_reported(self, message: Message) -> None:
-        state = self._gateway(message.topic)
         report = _decode(message.payload)
-        if state is None or not isinstance(report, dict):
+        state = self._gateway(message.topic) if isinstance(report, dict) else None
+        if state is None:
             return
         state.reported = report
         self.store.record_report(state.id, report)

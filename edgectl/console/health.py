@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .config import ConsoleConfig
-from .metrics import max_temperature
+from .metrics import as_dict, max_temperature
 
 FLAGS = ("offline", "rejecting", "hot", "memory", "offloading", "buffered")
 
@@ -23,16 +23,20 @@ def flags(status: dict[str, Any] | None, reported: dict[str, Any] | None, teleme
     temp = max_temperature(telemetry)
     if temp is not None and temp >= config.hot_c:
         out.append("hot")
-    mem = (telemetry.get("host") or {}).get("mem_percent")
-    if isinstance(mem, (int, float)) and mem >= config.memory_percent:
+    mem = as_dict(telemetry.get("host")).get("mem_percent")
+    if _number(mem) and mem >= config.memory_percent:
         out.append("memory")
     requests = offloaded = 0.0
-    for p in recent:
+    for p in recent:  # chart points: built by metrics.point, numbers only
         requests += p.get("requests", 0)
-        offloaded += sum((p.get("offload") or {}).values())
+        offloaded += sum(p.get("offload", {}).values())
     if requests > 0 and offloaded / requests >= config.offload_fraction:
         out.append("offloading")
-    fleet = telemetry.get("fleet") or {}
-    if (fleet.get("buffered") or 0) > 0 or (fleet.get("dropped") or 0) > 0:
+    fleet = as_dict(telemetry.get("fleet"))
+    if any(_number(fleet.get(k)) and fleet[k] > 0 for k in ("buffered", "dropped")):
         out.append("buffered")
     return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
