@@ -270,7 +270,8 @@ def test_malformed_payloads_on_the_broker_do_not_break_the_overview(mosquitto):
         await rogue.start()
         try:
             await rogue.publish("edge/gw-x/status", json.dumps({"state": "online", "groups": "not-a-list", "boot": "?"}).encode(), qos=1, retain=True)
-            await rogue.publish("edge/gw-x/telemetry", msgpack.packb({"ts": time.time(), "host": "x", "engine": [1], "fleet": 3, "proxy": "y", "gpus": 7, "jetson": [2]}),
+            await rogue.publish("edge/gw-x/telemetry", msgpack.packb({"ts": time.time(), "host": "x", "engine": [1], "fleet": 3, "proxy": "y", "gpus": 7, "jetson": [2],
+                                                                 "process": {"cpu_percent": float("nan")}}),
                                 qos=1, retain=True)
             await rogue.publish("edge/gw-x/config/reported", json.dumps({"status": 1, "applied": [], "needs_restart": 5, "reasons": "z"}).encode(),
                                 qos=1, retain=True)
@@ -283,6 +284,8 @@ def test_malformed_payloads_on_the_broker_do_not_break_the_overview(mosquitto):
             await until(seen)
             body = await (await client.get("/api/v1/gateways")).json()
             assert [g["id"] for g in body["gateways"]] == ["gw-x"] and body["gateways"][0]["groups"] == []
+            detail = await client.get("/api/v1/gateways/gw-x")
+            assert json.loads(await detail.text())["telemetry"]["process"] == {"cpu_percent": None}  # strict JSON for the page
             assert (await client.get("/api/v1/gateways/gw-x/series")).status == 200
             assert (await client.get("/api/v1/gateways/gw-x/pushes")).status == 200
         finally:

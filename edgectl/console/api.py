@@ -13,6 +13,7 @@ Errors: {"error": {"message", "code"[, "reasons"]}} with a 4xx/5xx status."""
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 import tomllib
@@ -52,8 +53,25 @@ def add_routes(app: web.Application) -> None:
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, separators=(",", ":"), default=str),
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response(data, status=status, dumps=_dumps, headers={"Cache-Control": "no-store"})
+
+
+def _dumps(data: Any) -> str:
+    """Strict JSON (a browser's JSON.parse refuses NaN): a gateway's non-finite number becomes null."""
+    try:
+        return json.dumps(data, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), separators=(",", ":"), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 async def session(request: web.Request) -> web.Response:

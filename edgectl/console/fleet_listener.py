@@ -18,7 +18,7 @@ from edgectl.cli import Controller
 from proxy.fleet.document import GROUP_PREFIX, DocumentError, decode_payload, parse_desired
 from proxy.mqtt import Message, MqttConfig
 
-from .metrics import point
+from .metrics import is_number, point
 from .store import HistoryStore
 
 log = logging.getLogger("edgectl.console")
@@ -102,7 +102,7 @@ class FleetListener:
 
     def _on_telemetry(self, message: Message) -> None:
         telemetry = _decode(message.payload)
-        readable = isinstance(telemetry, dict) and isinstance(telemetry.get("ts"), (int, float))
+        readable = isinstance(telemetry, dict) and is_number(telemetry.get("ts"))
         state = self._gateway(message.topic) if readable else None
         if state is None:
             return

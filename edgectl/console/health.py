@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .config import ConsoleConfig
-from .metrics import as_dict, max_temperature
+from .metrics import as_dict, is_number, max_temperature
 
 FLAGS = ("offline", "rejecting", "hot", "memory", "offloading", "buffered")
 
@@ -24,7 +24,7 @@ def flags(status: dict[str, Any] | None, reported: dict[str, Any] | None, teleme
     if temp is not None and temp >= config.hot_c:
         out.append("hot")
     mem = as_dict(telemetry.get("host")).get("mem_percent")
-    if _number(mem) and mem >= config.memory_percent:
+    if is_number(mem) and mem >= config.memory_percent:
         out.append("memory")
     requests = offloaded = 0.0
     for p in recent:  # chart points: built by metrics.point, numbers only
@@ -33,10 +33,6 @@ def flags(status: dict[str, Any] | None, reported: dict[str, Any] | None, teleme
     if requests > 0 and offloaded / requests >= config.offload_fraction:
         out.append("offloading")
     fleet = as_dict(telemetry.get("fleet"))
-    if any(_number(fleet.get(k)) and fleet[k] > 0 for k in ("buffered", "dropped")):
+    if any(is_number(fleet.get(k)) and fleet[k] > 0 for k in ("buffered", "dropped")):
         out.append("buffered")
     return out
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -4,6 +4,7 @@ by difference with the gateway's previous message of the same boot."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # The series a point may carry (the page draws one chart for each; docs/console.md lists them).
@@ -20,7 +21,7 @@ def point(message: dict[str, Any], previous: dict[str, Any] | None) -> dict[str,
     _put(out, "mem", host.get("mem_percent"))
     _put(out, "temp", max_temperature(message))
     gpus = [g.get("util_percent") for g in _gpus(message)]
-    gpus = [g for g in gpus if _num(g)]
+    gpus = [g for g in gpus if is_number(g)]
     jetson = as_dict(message.get("jetson")).get("gpu_percent")
     _put(out, "gpu", max(gpus) if gpus else jetson)
     if engine.get("up"):
@@ -49,9 +50,9 @@ def point(message: dict[str, Any], previous: dict[str, Any] | None) -> dict[str,
 
 def max_temperature(message: dict[str, Any]) -> float | None:
     """The hottest sensor: host sensors, GPUs (NVML), Jetson's."""
-    temps = [t for t in as_dict(as_dict(message.get("host")).get("temps_c")).values() if _num(t)]
-    temps += [g["temp_c"] for g in _gpus(message) if _num(g.get("temp_c"))]
-    temps += [t for t in as_dict(as_dict(message.get("jetson")).get("temps_c")).values() if _num(t)]
+    temps = [t for t in as_dict(as_dict(message.get("host")).get("temps_c")).values() if is_number(t)]
+    temps += [g["temp_c"] for g in _gpus(message) if is_number(g.get("temp_c"))]
+    temps += [t for t in as_dict(as_dict(message.get("jetson")).get("temps_c")).values() if is_number(t)]
     return max(temps) if temps else None
 
 
@@ -61,18 +62,19 @@ def _gpus(message: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _delta(now: Any, before: Any) -> float | None:
-    if not _num(now) or not _num(before):
+    if not is_number(now) or not is_number(before):
         return None
     return now - before if now >= before else now  # a counter that went back: the process restarted
 
 
 def _put(out: dict[str, Any], key: str, value: Any) -> None:
-    if _num(value):
+    if is_number(value):
         out[key] = round(value, 2) if isinstance(value, float) else value
 
 
-def _num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A finite number (NaN would break the page's JSON)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def as_dict(value: Any) -> dict[str, Any]:
