@@ -271,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default [console] host, 127.0.0.1); off loopback, "
                                       "[console] credentials and TLS are required")
     serve.add_argument("--port", type=int, help="port (default [console] port, 8470; 0: any free port)")
+    serve.add_argument("--broker", default=argparse.SUPPRESS, help="as edgectl --broker (either place)")
     serve.add_argument("--key", type=Path, help="Ed25519 private key to sign pushes with (default [console] key_file; "
                                                 "without one the console is read-only)")
     serve.add_argument("--db", help="SQLite history file (default [console] db_path; else in memory)")
