@@ -120,11 +120,13 @@ class Controller:
     async def push(
         self, config: dict[str, dict[str, Any]], *, gateway: str | None = None, group: str | None = None,
         version: int | None = None, key: Ed25519PrivateKey | None = None, wait_s: float = 10.0, reset: bool = False,
+        issued_by: str | None = None,
     ) -> PushResult:
         """Publish a desired config (retained) for `gateway` or `group` and wait up to `wait_s`
         for the reports on it: from the gateway, or from every online member of the group.
         Without `version`: milliseconds since the epoch, or one above the retained one if higher
-        (and not in the future). `reset` (signed only): taken whatever version the gateway has."""
+        (and not in the future). `reset` (signed only): taken whatever version the gateway has.
+        `issued_by`: who pushes (default user@host of this process; the console names its user)."""
         if reset and key is None:
             raise ValueError("a version reset must be signed (--sign-key)")
         if gateway is not None and group is None:
@@ -154,7 +156,7 @@ class Controller:
                 version = max(now_ms, last + 1) if isinstance(last, int) and last < now_ms + FUTURE_SLACK_MS else now_ms
             if not 1 <= version <= MAX_VERSION:
                 raise ValueError(f"version must be in [1, 2^63-1], got {version}")
-            doc = make_desired(target, version, config, issued_by=_whoami(), reset=reset)
+            doc = make_desired(target, version, config, issued_by=issued_by or _whoami(), reset=reset)
             if key is not None:
                 doc = sign(doc, key)
             pushed.append(version)
@@ -265,6 +267,14 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("--wait", type=float, default=10.0, help="seconds to wait for reports (default 10; 0: do not wait)")
     show = sub.add_parser("show", help="what a gateway reported, and the desired config it was sent")
     show.add_argument("gateway")
+    serve = sub.add_parser("serve", help="the fleet console: a web page and JSON API over the fleet (docs/console.md)")
+    serve.add_argument("--host", help="address to listen on (default [console] host, 127.0.0.1); off loopback, "
+                                      "[console] credentials and TLS are required")
+    serve.add_argument("--port", type=int, help="port (default [console] port, 8470; 0: any free port)")
+    serve.add_argument("--broker", default=argparse.SUPPRESS, help="as edgectl --broker (either place)")
+    serve.add_argument("--key", type=Path, help="Ed25519 private key to sign pushes with (default [console] key_file; "
+                                                "without one the console is read-only)")
+    serve.add_argument("--db", help="SQLite history file (default [console] db_path; else in memory)")
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing desired configs")
     keygen.add_argument("name", nargs="?", default="controller", help="writes NAME.key (private, 0600) and NAME.pub (default controller)")
     return parser
@@ -278,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         check_prefix("--prefix", args.prefix)
         data, path = read_config_file(args.config) if args.config else ({}, None)
         mqtt = mqtt_config_from(data, path).with_overrides(url=args.broker, allow_plaintext=args.allow_plaintext)
+        if args.command == "serve":
+            return _serve(args, data, path, mqtt)
         if args.command in ("push", "reset-version"):
             args.gateway, args.group = _target(args.target)
         return asyncio.run(_run(args, mqtt))
@@ -286,6 +298,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, data: dict[str, Any], path: Path | None, mqtt: MqttConfig) -> int:
+    from edge_runtime.logs import setup_logging
+
+    from .console.config import console_config_from
+    from .console.server import serve
+
+    setup_logging("warning")  # JSON lines on stderr, as the gateway's daemons log
+
+    config = console_config_from(data, path).with_overrides(host=args.host, port=args.port, db_path=args.db,
+                                                            key_file=str(args.key) if args.key else None)
+    try:
+        asyncio.run(serve(config, mqtt, args.prefix))
+    except OSError as exc:  # the port is taken, the TLS files cannot be read
+        raise ControllerError(f"cannot serve on {config.host}:{config.port}: {exc}") from None
+    return EXIT_OK
 
 
 def _target(text: str) -> tuple[str | None, str | None]:

@@ -168,6 +168,9 @@ class MqttServices:
             "requests": int(requests), "errors": int(errors),
             "cache": {"hits": int(registry.get_sample_value("edge_proxy_cache_hits_total") or 0),
                       "misses": int(registry.get_sample_value("edge_proxy_cache_misses_total") or 0)},
+            # cumulative, like the rest: a controller takes differences for the mean over an interval
+            "ttft_s": {"sum": round(registry.get_sample_value("edge_proxy_time_to_first_token_seconds_sum") or 0.0, 6),
+                       "count": int(registry.get_sample_value("edge_proxy_time_to_first_token_seconds_count") or 0)},
             "routes": summary.get("route", {}),
             "offload": summary.get("offload", {}),
             "offload_failed": summary.get("offload_failed", {}),

@@ -20,7 +20,7 @@ from .nvml import Nvml
 from .tegrastats import Tegrastats
 
 EngineStatusSource = Callable[[], Awaitable[dict[str, Any] | None]]
-# The sidecar's figures, e.g. {"requests": .., "errors": .., "ttft_s": {"p50": .., "p95": ..},
+# The sidecar's figures, e.g. {"requests": .., "errors": .., "ttft_s": {"sum": .., "count": ..},
 # "cache": {"hits": .., "misses": ..}, "offload": {"queue_full": .., "engine_down": ..}}.
 CountersSource = Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 MAX_TEMPERATURES = 32
