@@ -146,13 +146,13 @@ def test_a_push_from_the_page_is_applied_and_the_reported_version_shows(fleet, p
     page.locator('#push-result[data-outcome="valid"]').wait_for()
     page.get_by_role("button", name="Push").click()
     page.locator('#push-result[data-outcome="applied"]').wait_for()
-    version = page.locator("#pushes tbody tr").first.get_attribute("data-version")
-    assert f"version {version} in force" in page.locator("#push-result").inner_text()
+    version = page.locator("#push-result").inner_text().split("version ", 1)[1].split(" ", 1)[0]
+    # The tables below refresh on the page's own poll: wait for it rather than read them at once.
+    until(page, lambda: page.locator("#pushes tbody tr").first.get_attribute("data-version") == version)
     key_row = page.locator('#keys tr[data-key="proxy.rate_limit_requests_per_min"]')
     key_row.wait_for()
-    assert "applied" in key_row.inner_text() or "in force" in key_row.inner_text()
-    summary = page.locator("#summary").inner_text()
-    assert f"gw-a: {version} / {version}" in summary  # desired / reported
+    until(page, lambda: "applied" in key_row.inner_text() or "in force" in key_row.inner_text())
+    until(page, lambda: f"gw-a: {version} / {version}" in page.locator("#summary").inner_text())  # desired / reported
     until(page, lambda: "@" in page.locator("#pushes tbody tr td:nth-child(4)").first.inner_text())
     # To a group: every member takes it; the page follows this gateway's report.
     page.get_by_label("Target").select_option("group:site")
