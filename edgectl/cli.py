@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -237,35 +238,50 @@ def _whoami() -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before or after its name (`edgectl list --broker URL`).
+    A subcommand's copy has no defaults, so that it leaves a value given before the name alone."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--broker", default=default(None),
+                        help="broker URL, mqtt://host:port or mqtts://host:port (default [mqtt] url of --config)")
+    parser.add_argument("--config", type=Path, default=default(None),
+                        help="TOML file whose [mqtt] table says how to reach the broker (TLS, user)")
+    parser.add_argument("--prefix", default=default("edge"), help="topic prefix (default edge)")
+    parser.add_argument("--allow-plaintext", action="store_true", default=default(None),
+                        help="allow mqtt:// (no TLS) to a broker off loopback (labs only; [mqtt] allow_plaintext)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgectl", description="Fleet controller for edge-runtime gateways.")
-    parser.add_argument("--broker", help="broker URL, mqtt://host:port or mqtts://host:port (default [mqtt] url of --config)")
-    parser.add_argument("--config", type=Path, help="TOML file whose [mqtt] table says how to reach the broker (TLS, user)")
-    parser.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
-    parser.add_argument("--allow-plaintext", action="store_true", default=None,
-                        help="allow mqtt:// (no TLS) to a broker off loopback (labs only; [mqtt] allow_plaintext)")
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("list", help="gateways with presence, config version and last telemetry")
+    add = functools.partial(sub.add_parser, parents=[common])
+    ls = add("list", help="gateways with presence, config version and last telemetry")
     ls.add_argument("--json", action="store_true", help="one JSON object per gateway")
-    watch = sub.add_parser("watch", help="telemetry as it arrives (Ctrl-C ends)")
+    watch = add("watch", help="telemetry as it arrives (Ctrl-C ends)")
     watch.add_argument("gateways", nargs="*", help="only these gateways")
     watch.add_argument("--json", action="store_true", help="whole messages, one JSON per line")
     watch.add_argument("--count", type=int, help="stop after this many messages")
-    push = sub.add_parser("push", help="push a config file (TOML or JSON tables) and show the reports")
+    push = add("push", help="push a config file (TOML or JSON tables) and show the reports")
     push.add_argument("target", help="a gateway id, or group:NAME for every gateway of a group")
     push.add_argument("file", type=Path, help="config tables to push, e.g. [proxy] rate_limit_requests_per_min = 120")
     push.add_argument("--version", type=int, help="document version (default: milliseconds since the epoch)")
     push.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign with (edgectl keygen)")
     push.add_argument("--wait", type=float, default=10.0, help="seconds to wait for reports (default 10; 0: do not wait)")
-    reset = sub.add_parser("reset-version", help="push a config file as a signed version reset: taken whatever version the "
+    reset = add("reset-version", help="push a config file as a signed version reset: taken whatever version the "
                                                  "gateway has (after a push with a version too high)")
     reset.add_argument("target", help="a gateway id, or group:NAME")
     reset.add_argument("file", type=Path, help="the config tables to put in force (the whole desired state of the target)")
     reset.add_argument("--sign-key", type=Path, required=True, help="Ed25519 private key (PEM) the gateways trust")
     reset.add_argument("--wait", type=float, default=10.0, help="seconds to wait for reports (default 10; 0: do not wait)")
-    show = sub.add_parser("show", help="what a gateway reported, and the desired config it was sent")
+    show = add("show", help="what a gateway reported, and the desired config it was sent")
     show.add_argument("gateway")
-    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing desired configs")
+    keygen = add("keygen", help="make an Ed25519 key pair for signing desired configs")
     keygen.add_argument("name", nargs="?", default="controller", help="writes NAME.key (private, 0600) and NAME.pub (default controller)")
     return parser
 
