@@ -506,7 +506,8 @@ async def _serve_until_stopped(server: EngineServer) -> None:
     await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    notify("READY=1", f"STATUS=serving on {server.socket_path}")
+    # `edge-runtime up` reads the model's id from this line: "serving ID on PATH"
+    notify("READY=1", f"STATUS=serving {server.model_info['id']} on {server.socket_path}")
     log.info("serving", extra={"socket": str(server.socket_path)})
     interval = watchdog_interval_s()
     watchdog = asyncio.create_task(server.watchdog(interval)) if interval else None
