@@ -7,7 +7,10 @@ python=${1:-python3}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$python" -m pip wheel -q --no-deps -w "$work/dist" "$root"
+# built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+mkdir "$work/src"
+cp -r "$root"/{pyproject.toml,setup.py,README.md,models,edge_runtime,edge_wire,proxy,edge_client,edgectl} "$work/src/"
+"$python" -m pip wheel -q --no-deps -w "$work/dist" "$work/src"
 wheel=$(ls "$work"/dist/edge_runtime-*.whl)
 printf '%-26s %8s  %s\n' role MiB packages
 for extra in "" sidecar controller engine "engine,sidecar" all otlp; do

@@ -16,6 +16,7 @@ from pathlib import Path
 import tomllib
 
 from .builder.build import BuildOptions, build
+from .builder.progress import Progress, terminal
 from .errors import CheckpointError
 from .manifest import read_manifest
 
@@ -76,7 +77,8 @@ def resolve_source(source: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / rel
 
 
-def resolve_model(model: str | None = None, quant: str | None = None, quiet: bool = False) -> Path:
+def resolve_model(model: str | None = None, quant: str | None = None, quiet: bool = False,
+                  progress: Progress = terminal) -> Path:
     """A built model directory for `model`: a built directory as is; a recipe name, a GGUF file
     or a Hugging Face directory built into the cache (reused while the source is unchanged)."""
     model = model or DEFAULT_MODEL
@@ -90,4 +92,4 @@ def resolve_model(model: str | None = None, quant: str | None = None, quiet: boo
         recipe = Recipe(name=path.stem, source=str(path.resolve()))
     options = BuildOptions(quant=quant or recipe.quant, arch=recipe.arch, max_context=recipe.max_context)
     out_dir = cache_dir() / "models" / f"{recipe.name}-{options.quant}"
-    return build(resolve_source(recipe.source), out_dir, options, quiet=quiet)
+    return build(resolve_source(recipe.source), out_dir, options, quiet=quiet, progress=progress)

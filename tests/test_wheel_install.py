@@ -39,11 +39,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             shutil.copy(ROOT / name, src / name)
     # The test venv's setuptools builds it (no build environment to download).
-    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "dist", src)
+    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "dist", src, env=_env())
     (wheel,) = (root / "dist").glob("edge_runtime-*.whl")
     venv.create(root / "venv", with_pip=False)
     python = root / "venv" / "bin" / "python"
-    _run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel)
+    _run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel, env=_env())
     # After the install, so that pip sees no edge-runtime but the wheel's.
     site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
@@ -66,6 +66,8 @@ def test_the_wheel_ships_the_recipes(installed: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_the_installed_runtime_generates_with_the_default_model(installed: Path, tmp_path: Path, smollm_gguf: Path):
+    """With an empty cache, as on a new machine: the first use builds the model, with progress."""
     done = _run(installed / "edge-runtime", "generate", "--prompt", PROMPT, "--max-tokens", "8", "--temperature", "0",
-                cwd=tmp_path, env=_env())
+                cwd=tmp_path, env={**_env(), "EDGE_RUNTIME_CACHE": str(tmp_path / "cache")})
     assert "Tokyo" in done.stdout
+    assert "building layers: 100%" in done.stderr
