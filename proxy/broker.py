@@ -96,7 +96,9 @@ class MqttServices:
             await self.client.start()
         self.parts.router.start()
         log.info("mqtt side started", extra={"role": self.settings.role, "gateway": self.gateway_id,
-                                             "broker": self.settings.mqtt.url, "offload": self.offloader is not None,
+                                             "broker": self.settings.mqtt.url,
+                                             "offload": self.offloader is not None and self.offloader.auth != "refused"
+                                             and self.settings.offload.enabled,
                                              "devices": self.devices is not None, "fleet": self.agent is not None})
 
     async def wait_subscribed(self, timeout: float) -> None:

@@ -20,6 +20,7 @@ from edge_runtime.logs import setup_logging
 from edge_runtime.sd_notify import notify, watchdog_interval_s
 from edge_wire.settings import ConfigError, read_config_file
 
+from . import features
 from .auth.keys import hash_key
 from .broker_settings import GATEWAY, ROLES, MqttSettings, load_settings
 from .config import API_KEYS_ENV, ProxyConfig, proxy_config_from
@@ -134,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(args)
     try:
         config, mqtt = load(args)
+        tracing_config = tracing.load_tracing_config(args.config)
         setup_logging(config.log_level)
-        tracing.setup(tracing.load_tracing_config(args.config), "edge-proxy")
+        log.info("features", extra=features.summary(mqtt, tracing_config))  # what is on, and why
+        tracing.setup(tracing_config, "edge-proxy")
         try:
             asyncio.run(serve(config, mqtt))
         finally:
