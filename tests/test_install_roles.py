@@ -22,8 +22,15 @@ PROJECT = "edge-runtime"
 # What each role does, as code run in the fresh interpreter.
 ROLES = {
     "sdk": ((), """
+import contextlib, io
 import edge_client, edge_client.aio, edge_client.mqtt_device
 edge_client.EdgeClient(["http://127.0.0.1:9"])
+import edge_wire.launch  # the console scripts say which install the others need
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    assert [edge_wire.launch.edge_runtime(), edge_wire.launch.edge_proxy(), edge_wire.launch.edgectl()] == [2, 2, 2]
+for extra in ("engine", "sidecar", "controller"):
+    assert f"pip install 'edge-runtime[{extra}]'" in err.getvalue(), err.getvalue()
 """),
     "sidecar": (("sidecar",), """
 import os
