@@ -19,6 +19,7 @@ import onnx
 
 from ..errors import CheckpointError
 from ..manifest import MANIFEST, read_manifest
+from ..sd_notify import notify
 from .checkpoint import Checkpoint, checksum, files_sha256, load_checkpoint
 from .onnx_graph import KV_DTYPES, build_graph
 from .progress import Progress, terminal
@@ -90,6 +91,7 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
 
     log.info("building the model (first use, or its source or options changed)",
              extra={"source": str(source), "out_dir": str(out_dir), "quant": graph_quant})
+    notify("STATUS=building the model (first use): reading the checkpoint")  # (a no-op outside systemd)
     ckpt = load_checkpoint(source, options.arch)
     spec = ckpt.spec
     max_context = min(options.max_context or min(spec.max_context, DEFAULT_MAX_CONTEXT), spec.max_context)
