@@ -347,7 +347,8 @@ def _print_list(gateways: dict[str, Gateway], as_json: bool) -> int:
             str(status.get("state", "?")) + (f" ({status['reason']})" if status.get("reason") else "")
             + (" UNSIGNED-CONFIG-ALLOWED" if status.get("allow_unsigned") else ""),
             str(status.get("boot", "")),
-            _layers(rep.get("applied")) + (" (restart pending)" if rep.get("needs_restart") else ""),
+            _layers(rep.get("applied")) + (" (restart pending)" if rep.get("needs_restart") else "")
+            + (f" (overridden: {','.join(sorted(rep['overridden']))})" if rep.get("overridden") else ""),
             _age(now - tel["ts"]) if isinstance(tel.get("ts"), (int, float)) else "-",
             _num(host.get("cpu_percent")),
             _num(host.get("mem_percent")),
@@ -390,6 +391,8 @@ def _print_push(result: PushResult, wait_s: float) -> int:
             print(f"  {key}: {reason}")
         if report.get("needs_restart"):
             print(f"  restart pending for: {', '.join(report['needs_restart'])}")
+        for key, flag in sorted((report.get("overridden") or {}).items()):
+            print(f"  {key}: not in force: {flag} on the gateway's command line sets it")
     for gw in result.missing:
         print(f"{gw}: no report within {wait_s:g} s (it applies the config when it next connects)")
     if wait_s > 0 and not result.reports and not result.missing:

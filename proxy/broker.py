@@ -59,7 +59,8 @@ class MqttServices:
         mqtt = settings.mqtt
         if settings.role == GATEWAY and settings.fleet.enabled:
             self.agent = FleetAgent(settings.fleet, mqtt, tables=_file_tables(settings.config_path), on_apply=self.on_apply,
-                                    counters=self.counters, engine_status=parts.link.status)
+                                    counters=self.counters, engine_status=parts.link.status,
+                                    command_line=settings.command_line)
             self.client = self.agent.client
         else:
             client_id = mqtt.client_id or (self.gateway_id if settings.role == GATEWAY

@@ -148,9 +148,18 @@ def test_a_pushed_port_is_in_force_under_up_as_reported(tiny_model_dir, mosquitt
                                         key=load_private_key(tmp_path / "ctl.key"))
                 return result.reports["gw-up"]
 
-        async def reported() -> dict:
+        async def reported(wanted) -> dict:
+            """The gateway's report, once one says `wanted` (it reports again when it connects)."""
             async with Controller(MqttConfig(url=mosquitto.url)) as ctl:
-                return await ctl.retained(ctl.topics.reported("gw-up"))
+                arrived = asyncio.get_running_loop().create_future()
+
+                def on_report(message) -> None:
+                    report = json.loads(message.payload)
+                    if wanted(report) and not arrived.done():
+                        arrived.set_result(report)
+
+                await ctl.client.subscribe(ctl.topics.reported("gw-up"), on_report, qos=1)
+                return await asyncio.wait_for(arrived, 30)
 
         with open(tmp_path / "stderr.log", "w+") as log:
             proc, banner = _up(config, log)
@@ -165,7 +174,16 @@ def test_a_pushed_port_is_in_force_under_up_as_reported(tiny_model_dir, mosquitt
                 assert f"http://127.0.0.1:{pushed}/v1" in banner, (banner, log.seek(0), log.read())
                 with urllib.request.urlopen(f"http://127.0.0.1:{pushed}/readyz", timeout=10) as answer:
                     assert answer.status == 200
-                after = asyncio.run(reported())
-                assert after["needs_restart"] == [] and after["applied"] == {"gw-up": report["version"]}
+                after = asyncio.run(reported(lambda r: r["needs_restart"] == []))
+                assert after["applied"] == {"gw-up": report["version"]} and after["overridden"] == {}
+            finally:
+                _stop(proc)
+            # A flag the user gives still wins, and the report says the pushed value is not in force.
+            given = _free_port()
+            proc, banner = _up(config, log, "--port", str(given))
+            try:
+                assert f"http://127.0.0.1:{given}/v1" in banner, (banner, log.seek(0), log.read())
+                after = asyncio.run(reported(lambda r: r["overridden"]))
+                assert after["overridden"] == {"proxy.port": "--port"} and after["applied"] == {"gw-up": report["version"]}
             finally:
                 _stop(proc)
