@@ -87,7 +87,7 @@ def up(config_path: Path | None, engine_argv: list[str], sidecar_argv: list[str]
             sidecar_status = None if engine_status is None else \
                 _start(children, "sidecar", [sys.executable, "-m", "proxy.main", *sidecar_argv], Path(folder), stop)
             if sidecar_status is not None:
-                model = engine_status.removeprefix("serving ").split(" on ", 1)[0] or "default"
+                model = engine_status.removeprefix("serving ").rpartition(" on ")[0] or "default"
                 _announce(base, model, bool(proxy_config.api_keys))
                 notify("READY=1", f"STATUS=serving {model} at {base}/v1")
                 while not stop.wait(POLL_S) and _dead(children) is None:

@@ -52,6 +52,11 @@ assert edgectl.cli.main(["keygen", "ops"]) == 0
     "engine": (("engine",), """
 import edge_runtime.cli, edge_runtime.server, edge_runtime.models, edge_runtime.backends.onnxruntime, edge_runtime.grammar
 edge_runtime.cli._parser().parse_args(["serve"])
+import contextlib, io
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    assert edge_runtime.cli.main(["up"]) == 2  # the sidecar's command: says which install it needs
+assert "`up` needs" in err.getvalue() and "pip install 'edge-runtime[" in err.getvalue(), err.getvalue()
 """),
 }
 
