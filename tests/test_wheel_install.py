@@ -41,9 +41,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The test venv's setuptools builds it (no build environment to download).
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "dist", src, env=_env())
     (wheel,) = (root / "dist").glob("edge_runtime-*.whl")
-    venv.create(root / "venv", with_pip=False)
+    venv.create(root / "venv", with_pip=True)  # its own pip (ensurepip: offline), whatever the test venv's pip
     python = root / "venv" / "bin" / "python"
-    _run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel, env=_env())
+    _run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, env=_env())
     # After the install, so that pip sees no edge-runtime but the wheel's.
     site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
