@@ -146,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _commands().get(argv[0]) if argv else None
     if command is not None:
-        return command.load()(argv[1:])
+        try:
+            run = command.load()
+        except ModuleNotFoundError as exc:  # its package's extra is not installed
+            dist = command.dist.name if command.dist is not None else "edge-runtime"
+            print(f"edge-runtime: error: `{command.name}` needs {exc.name}, which this install lacks: "
+                  f"pip install '{dist}[{','.join(command.extras) or 'all'}]'", file=sys.stderr)
+            return 2
+        return run(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":

@@ -1,6 +1,10 @@
 """Model recipes (models/*.toml) and the local model cache: turn what the user names (a
 recipe name, a checkpoint, a built directory, or nothing for the default model) into a
-built model directory, building it on first use."""
+built model directory, building it on first use.
+
+The recipes of the source tree's models/ ship in the wheel as the package data
+edge_runtime/recipes/ (setup.py and pyproject.toml map the folder), so an installed runtime
+finds the same ones as a checkout does."""
 
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ from pathlib import Path
 import tomllib
 
 from .builder.build import BuildOptions, build
+from .builder.progress import Progress, terminal
 from .errors import CheckpointError
 from .manifest import read_manifest
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+_SOURCE_TREE_RECIPES = Path(__file__).resolve().parent.parent / "models"
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,16 @@ def cache_dir() -> Path:
 
 def recipe_dirs() -> list[Path]:
     extra = os.environ.get("EDGE_RUNTIME_MODELS")
-    return [Path(p) for p in (extra.split(os.pathsep) if extra else [])] + [Path("/etc/edge-runtime/models"), _REPO_MODELS]
+    return [Path(p) for p in (extra.split(os.pathsep) if extra else [])] + [Path("/etc/edge-runtime/models"), shipped_recipes()]
+
+
+def shipped_recipes() -> Path:
+    """The recipes that come with the runtime: the installed package's edge_runtime/recipes/
+    (an editable install maps it to models/), else models/ of the source tree this runs from."""
+    spec = importlib.util.find_spec("edge_runtime.recipes")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return _SOURCE_TREE_RECIPES
 
 
 def find_recipe(name: str) -> Recipe | None:
@@ -63,7 +77,8 @@ def resolve_source(source: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / rel
 
 
-def resolve_model(model: str | None = None, quant: str | None = None, quiet: bool = False) -> Path:
+def resolve_model(model: str | None = None, quant: str | None = None, quiet: bool = False,
+                  progress: Progress = terminal) -> Path:
     """A built model directory for `model`: a built directory as is; a recipe name, a GGUF file
     or a Hugging Face directory built into the cache (reused while the source is unchanged)."""
     model = model or DEFAULT_MODEL
@@ -77,4 +92,4 @@ def resolve_model(model: str | None = None, quant: str | None = None, quiet: boo
         recipe = Recipe(name=path.stem, source=str(path.resolve()))
     options = BuildOptions(quant=quant or recipe.quant, arch=recipe.arch, max_context=recipe.max_context)
     out_dir = cache_dir() / "models" / f"{recipe.name}-{options.quant}"
-    return build(resolve_source(recipe.source), out_dir, options, quiet=quiet)
+    return build(resolve_source(recipe.source), out_dir, options, quiet=quiet, progress=progress)

@@ -467,13 +467,14 @@ def serve(config: EngineConfig) -> int:
     """Load the model, start the engine thread, serve until SIGTERM/SIGINT; returns the exit status."""
     from .backends.onnxruntime import OnnxRuntimeBackend
     from .backends.providers import plan_device
+    from .builder import progress
     from .models import resolve_model
 
     setup_logging(config.log_level)
     socket_path = config.resolved_socket_path()
     prepare_socket_path(socket_path)  # fail before the slow part if another engine is live
     notify("STATUS=loading model")
-    model_dir = resolve_model(config.model, quiet=True)
+    model_dir = resolve_model(config.model, progress=progress.service)  # the first start builds it: shown
     tokenizer = Tokenizer.from_dir(model_dir)  # first: see OnnxRuntimeBackend
     device = plan_device(config, model_dir)
     backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads, device=device)
@@ -506,7 +507,8 @@ async def _serve_until_stopped(server: EngineServer) -> None:
     await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    notify("READY=1", f"STATUS=serving on {server.socket_path}")
+    # `edge-runtime up` reads the model's id from this line: "serving ID on PATH"
+    notify("READY=1", f"STATUS=serving {server.model_info['id']} on {server.socket_path}")
     log.info("serving", extra={"socket": str(server.socket_path)})
     interval = watchdog_interval_s()
     watchdog = asyncio.create_task(server.watchdog(interval)) if interval else None

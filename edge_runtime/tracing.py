@@ -3,14 +3,16 @@
 None, which is all that callers check. Also the W3C trace context as the plain map that the
 engine frame and MQTT messages carry: {"traceparent": ..., "tracestate": ...}.
 
-Config: the `[tracing]` table of the shared TOML file (enabled, endpoint, service_name,
-sample_ratio); spans go to an OTLP/HTTP collector in batches, off the request path."""
+Config: the `[tracing]` table of the shared TOML file (enabled, exporter, endpoint, path,
+service_name, sample_ratio). Spans are exported in batches, off the request path: to an
+OTLP/HTTP collector (`exporter = "otlp"`), or as JSON lines on stderr (`"console"`) or appended
+to a file (`"file"`, `path`), which need no collector (edge_runtime/span_lines.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from msgspec import Meta
 
@@ -35,14 +37,30 @@ def _http_url(key: str, value: str) -> None:
         raise ConfigError(f"{key}: must be an http:// or https:// URL, got {value!r}")
 
 
+EXPORTERS = ("otlp", "console", "file")
+
+
 class TracingConfig(Table):
-    """Spans of both processes, exported over OTLP/HTTP (pip install 'edge-runtime[otlp]')."""
+    """Spans of both processes: to a collector over OTLP/HTTP (pip install 'edge-runtime[otlp]'),
+    or as JSON lines on stderr or in a file (pip install 'edge-runtime[tracing]')."""
 
     enabled: Annotated[bool, Meta(description="trace requests through the sidecar, MQTT and the engine")] = False
+    exporter: Annotated[Literal["otlp", "console", "file"], Meta(
+        description="otlp: to the collector at endpoint; console: one JSON line per span on stderr; file: appended to path")] = "otlp"
     endpoint: Annotated[str, Meta(description="OTLP/HTTP traces URL of a collector"), Check(_http_url)] = DEFAULT_ENDPOINT
+    path: Annotated[Text | None, Meta(description="exporter file: the JSON-lines file the spans are appended to (both processes)",
+                                      examples=["/var/log/edge-runtime/spans.jsonl"])] = None
     service_name: Annotated[Text | None, Meta(description="default: the process's own name (edge-proxy, edge-runtime)",
                                               examples=["edge-proxy-gw-0042"])] = None
     sample_ratio: Annotated[float, Meta(ge=0, le=1, description="of new traces; a caller's sampled flag is followed as it is")] = 1.0
+
+    def check(self) -> None:
+        if self.exporter == "file" and self.path is None:
+            raise ConfigError('path: exporter = "file" needs the file to append the spans to')
+
+    def destination(self) -> str:
+        """Where the spans go, in words (the start-up line says it)."""
+        return {"otlp": self.endpoint, "console": "stderr", "file": str(self.path)}[self.exporter]
 
 
 def load_tracing_config(path: Path | None = None) -> TracingConfig:
@@ -75,19 +93,29 @@ def tracer(scope: str) -> Tracer | None:
 
 def setup(config: TracingConfig, service_name: str) -> None:
     """Turn tracing on as `config` says (nothing at all when it is off): spans are sampled at
-    sample_ratio and exported in batches over OTLP/HTTP from a background thread."""
+    sample_ratio and exported in batches from a background thread."""
     if not config.enabled:
         return
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    try:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        raise ConfigError("[tracing] enabled: OpenTelemetry is not installed (pip install 'edge-runtime[tracing]')") from None
+    provider = _new_provider(config.service_name or service_name, config.sample_ratio)
+    provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
+    _use(provider)
 
+
+def _exporter(config: TracingConfig) -> SpanExporter:
+    if config.exporter != "otlp":
+        from .span_lines import JsonLinesExporter
+
+        return JsonLinesExporter.to_stderr() if config.exporter == "console" else JsonLinesExporter.to_file(Path(config.path or ""))
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
-        raise ConfigError("[tracing] enabled: the OTLP exporter is not installed "
-                          "(pip install 'edge-runtime[otlp]')") from None
-    provider = _new_provider(config.service_name or service_name, config.sample_ratio)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint)))
-    _use(provider)
+        raise ConfigError("[tracing] exporter = \"otlp\": the OTLP exporter is not installed "
+                          "(pip install 'edge-runtime[otlp]'), or set exporter = \"console\" or \"file\"") from None
+    return OTLPSpanExporter(endpoint=config.endpoint)
 
 
 def install(exporter: SpanExporter, service_name: str = "edge-runtime", sample_ratio: float = 1.0) -> TracerProvider:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -239,43 +240,57 @@ def _whoami() -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes, before or after its name (`edgectl list --broker URL`).
+    A subcommand's copy has no defaults, so that it leaves a value given before the name alone."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--broker", default=default(None),
+                        help="broker URL, mqtt://host:port or mqtts://host:port (default [mqtt] url of --config)")
+    parser.add_argument("--config", type=Path, default=default(None),
+                        help="TOML file whose [mqtt] table says how to reach the broker (TLS, user)")
+    parser.add_argument("--prefix", default=default("edge"), help="topic prefix (default edge)")
+    parser.add_argument("--allow-plaintext", action="store_true", default=default(None),
+                        help="allow mqtt:// (no TLS) to a broker off loopback (labs only; [mqtt] allow_plaintext)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgectl", description="Fleet controller for edge-runtime gateways.")
-    parser.add_argument("--broker", help="broker URL, mqtt://host:port or mqtts://host:port (default [mqtt] url of --config)")
-    parser.add_argument("--config", type=Path, help="TOML file whose [mqtt] table says how to reach the broker (TLS, user)")
-    parser.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
-    parser.add_argument("--allow-plaintext", action="store_true", default=None,
-                        help="allow mqtt:// (no TLS) to a broker off loopback (labs only; [mqtt] allow_plaintext)")
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("list", help="gateways with presence, config version and last telemetry")
+    add = functools.partial(sub.add_parser, parents=[common])
+    ls = add("list", help="gateways with presence, config version and last telemetry")
     ls.add_argument("--json", action="store_true", help="one JSON object per gateway")
-    watch = sub.add_parser("watch", help="telemetry as it arrives (Ctrl-C ends)")
+    watch = add("watch", help="telemetry as it arrives (Ctrl-C ends)")
     watch.add_argument("gateways", nargs="*", help="only these gateways")
     watch.add_argument("--json", action="store_true", help="whole messages, one JSON per line")
     watch.add_argument("--count", type=int, help="stop after this many messages")
-    push = sub.add_parser("push", help="push a config file (TOML or JSON tables) and show the reports")
+    push = add("push", help="push a config file (TOML or JSON tables) and show the reports")
     push.add_argument("target", help="a gateway id, or group:NAME for every gateway of a group")
     push.add_argument("file", type=Path, help="config tables to push, e.g. [proxy] rate_limit_requests_per_min = 120")
     push.add_argument("--version", type=int, help="document version (default: milliseconds since the epoch)")
     push.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign with (edgectl keygen)")
     push.add_argument("--wait", type=float, default=10.0, help="seconds to wait for reports (default 10; 0: do not wait)")
-    reset = sub.add_parser("reset-version", help="push a config file as a signed version reset: taken whatever version the "
+    reset = add("reset-version", help="push a config file as a signed version reset: taken whatever version the "
                                                  "gateway has (after a push with a version too high)")
     reset.add_argument("target", help="a gateway id, or group:NAME")
     reset.add_argument("file", type=Path, help="the config tables to put in force (the whole desired state of the target)")
     reset.add_argument("--sign-key", type=Path, required=True, help="Ed25519 private key (PEM) the gateways trust")
     reset.add_argument("--wait", type=float, default=10.0, help="seconds to wait for reports (default 10; 0: do not wait)")
-    show = sub.add_parser("show", help="what a gateway reported, and the desired config it was sent")
+    show = add("show", help="what a gateway reported, and the desired config it was sent")
     show.add_argument("gateway")
-    serve = sub.add_parser("serve", help="the fleet console: a web page and JSON API over the fleet (docs/console.md)")
+    serve = add("serve", help="the fleet console: a web page and JSON API over the fleet (docs/console.md)")
     serve.add_argument("--host", help="address to listen on (default [console] host, 127.0.0.1); off loopback, "
                                       "[console] credentials and TLS are required")
     serve.add_argument("--port", type=int, help="port (default [console] port, 8470; 0: any free port)")
-    serve.add_argument("--broker", default=argparse.SUPPRESS, help="as edgectl --broker (either place)")
     serve.add_argument("--key", type=Path, help="Ed25519 private key to sign pushes with (default [console] key_file; "
                                                 "without one the console is read-only)")
     serve.add_argument("--db", help="SQLite history file (default [console] db_path; else in memory)")
-    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing desired configs")
+    keygen = add("keygen", help="make an Ed25519 key pair for signing desired configs")
     keygen.add_argument("name", nargs="?", default="controller", help="writes NAME.key (private, 0600) and NAME.pub (default controller)")
     return parser
 
@@ -360,7 +375,8 @@ def _print_list(gateways: dict[str, Gateway], as_json: bool) -> int:
             str(status.get("state", "?")) + (f" ({status['reason']})" if status.get("reason") else "")
             + (" UNSIGNED-CONFIG-ALLOWED" if status.get("allow_unsigned") else ""),
             str(status.get("boot", "")),
-            _layers(rep.get("applied")) + (" (restart pending)" if rep.get("needs_restart") else ""),
+            _layers(rep.get("applied")) + (" (restart pending)" if rep.get("needs_restart") else "")
+            + (f" (overridden: {','.join(sorted(rep['overridden']))})" if rep.get("overridden") else ""),
             _age(now - tel["ts"]) if isinstance(tel.get("ts"), (int, float)) else "-",
             _num(host.get("cpu_percent")),
             _num(host.get("mem_percent")),
@@ -403,6 +419,8 @@ def _print_push(result: PushResult, wait_s: float) -> int:
             print(f"  {key}: {reason}")
         if report.get("needs_restart"):
             print(f"  restart pending for: {', '.join(report['needs_restart'])}")
+        for key, flag in sorted((report.get("overridden") or {}).items()):
+            print(f"  {key}: not in force: {flag} on the gateway's command line sets it")
     for gw in result.missing:
         print(f"{gw}: no report within {wait_s:g} s (it applies the config when it next connects)")
     if wait_s > 0 and not result.reports and not result.missing:

@@ -59,7 +59,8 @@ class MqttServices:
         mqtt = settings.mqtt
         if settings.role == GATEWAY and settings.fleet.enabled:
             self.agent = FleetAgent(settings.fleet, mqtt, tables=_file_tables(settings.config_path), on_apply=self.on_apply,
-                                    counters=self.counters, engine_status=parts.link.status)
+                                    counters=self.counters, engine_status=parts.link.status,
+                                    command_line=settings.command_line)
             self.client = self.agent.client
         else:
             client_id = mqtt.client_id or (self.gateway_id if settings.role == GATEWAY
@@ -96,7 +97,9 @@ class MqttServices:
             await self.client.start()
         self.parts.router.start()
         log.info("mqtt side started", extra={"role": self.settings.role, "gateway": self.gateway_id,
-                                             "broker": self.settings.mqtt.url, "offload": self.offloader is not None,
+                                             "broker": self.settings.mqtt.url,
+                                             "offload": self.offloader is not None and self.offloader.auth != "refused"
+                                             and self.settings.offload.enabled,
                                              "devices": self.devices is not None, "fleet": self.agent is not None})
 
     async def wait_subscribed(self, timeout: float) -> None:

@@ -4,7 +4,8 @@ that a sidecar without a broker loads none of it (paho, the fleet agent, the sig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class MqttSettings:
     cloud: CloudConfig
     role: str = GATEWAY
     config_path: Path | None = None  # the file, for the fleet agent's view of what a push may change
+    command_line: Mapping[str, str] = field(default_factory=dict)  # `table.key` -> the flag given that sets it
 
     @property
     def gateway_id(self) -> str:

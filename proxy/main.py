@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import logging
 import secrets
@@ -20,12 +21,18 @@ from edge_runtime.logs import setup_logging
 from edge_runtime.sd_notify import notify, watchdog_interval_s
 from edge_wire.settings import ConfigError, read_config_file
 
+from . import features
 from .auth.keys import hash_key
 from .broker_settings import GATEWAY, ROLES, MqttSettings, load_settings
 from .config import API_KEYS_ENV, ProxyConfig, proxy_config_from
 from .http.app import SIDECAR, Sidecar, build_app, make_runner
 
 log = logging.getLogger("proxy.main")
+
+# The flags that set a config key: a pushed value of that key is not in force while one is given.
+_FLAG_KEYS = {"host": ("proxy.host", "--host"), "port": ("proxy.port", "--port"),
+              "engine_socket": ("proxy.engine_socket", "--engine-socket"), "mqtt": ("mqtt.url", "--mqtt"),
+              "gateway_id": ("fleet.gateway_id", "--gateway-id"), "upstream": ("cloud.upstream", "--upstream")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +132,8 @@ def load(args: argparse.Namespace) -> tuple[ProxyConfig, MqttSettings]:
         data = overlay(data, applied_config(mqtt.fleet))  # what the controller pushed stays in force
         mqtt = load_settings(data, path, **cli)
     config = proxy_config_from(data, path).with_overrides(host=args.host, port=args.port, engine_socket=args.engine_socket)
-    return config, mqtt
+    given = {key: flag for attr, (key, flag) in _FLAG_KEYS.items() if getattr(args, attr) is not None}
+    return config, dataclasses.replace(mqtt, command_line=given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         return _hash_key(args)
     try:
         config, mqtt = load(args)
+        tracing_config = tracing.load_tracing_config(args.config)
         setup_logging(config.log_level)
-        tracing.setup(tracing.load_tracing_config(args.config), "edge-proxy")
+        log.info("features", extra=features.summary(mqtt, tracing_config))  # what is on, and why
+        tracing.setup(tracing_config, "edge-proxy")
         try:
             asyncio.run(serve(config, mqtt))
         finally:

@@ -338,6 +338,34 @@ def test_edgectl_command_line(mosquitto, tmp_path, capsys, target):
     assert "gw-1" in out.split("GATEWAY", 1)[1] and "online UNSIGNED-CONFIG-ALLOWED" in out  # a lab gateway, shown as such
 
 
+def test_edgectl_global_options_go_anywhere_on_the_line(mosquitto, tmp_path, capsys):
+    """`edgectl list --broker URL` as well as `edgectl --broker URL list`; a value after the
+    command's name wins over one before it."""
+    from edgectl.cli import EXIT_NO_REPORT, _parser
+    from edgectl.cli import main as edgectl
+
+    agent, _ = agent_for(mosquitto, tmp_path)
+    results: list[int] = []
+
+    async def main():
+        await agent.start()
+        assert await agent.client.wait_connected(10)
+        loop = asyncio.get_running_loop()
+        for args in (["list", "--json", "--broker", mosquitto.url],
+                     ["--broker", "mqtt://nowhere.invalid:1", "list", "--broker", mosquitto.url, "--prefix", "edge", "--json"],
+                     ["show", "gw-1", "--broker", mosquitto.url]):
+            results.append(await loop.run_in_executor(None, edgectl, args))
+        await agent.stop()
+
+    run(main())
+    out = capsys.readouterr().out
+    assert results == [0, 0, EXIT_NO_REPORT]  # show: the broker reached, nothing pushed to gw-1 yet
+    listed = [json.loads(line)["gateway"] for line in out.splitlines() if line.startswith('{"gateway"')]
+    assert listed == ["gw-1", "gw-1"]
+    args = _parser().parse_args(["--prefix", "site", "--config", "a.toml", "watch", "--allow-plaintext"])
+    assert (args.prefix, args.config, args.allow_plaintext, args.broker) == ("site", Path("a.toml"), True, None)
+
+
 def test_edgectl_keygen_and_usage_errors(tmp_path, capsys, monkeypatch):
     from edgectl.cli import main as edgectl
 

@@ -107,3 +107,69 @@ def test_mqtt_hops_continue_the_trace():
         assert receiver.parent.span_id == sender.get_span_context().span_id
     finally:
         tracing.shutdown()
+
+
+def _traced_sidecar(config_text: str, tmp_path) -> list[str]:
+    """A real edge-proxy with `[tracing]` as given: one request with a caller's traceparent, then
+    SIGTERM (which exports what is buffered); its stderr lines."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[proxy]\nport = 0\nengine_socket = "{tmp_path}/engine.sock"\n\n[tracing]\nenabled = true\n{config_text}')
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.main", "--config", str(config)], stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if '"msg": "listening"' in line:
+                url = json.loads(line)["url"]
+                break
+        request = urllib.request.Request(f"{url}/healthz", headers={"traceparent": TP})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.communicate(timeout=30)[1].splitlines(keepends=True)
+    assert proc.returncode == 0, "".join(lines)
+    return lines
+
+
+def _spans(lines: list[str]) -> list[dict]:
+    import json
+
+    return [span for span in (json.loads(line) for line in lines if line.startswith("{")) if "context" in span]
+
+
+def test_the_console_exporter_writes_each_span_as_a_json_line_on_stderr(tmp_path):
+    lines = _traced_sidecar('exporter = "console"\n', tmp_path)
+    (span,) = _spans(lines)
+    assert span["name"] == "GET /healthz" and span["kind"] == "SpanKind.SERVER"
+    assert span["context"]["trace_id"] == "0x" + TP.split("-")[1]  # the caller's trace, continued
+    assert span["parent_id"] == "0x" + TP.split("-")[2]
+    assert span["resource"]["attributes"]["service.name"] == "edge-proxy"
+
+
+def test_the_file_exporter_appends_json_lines_to_its_file(tmp_path):
+    path = tmp_path / "spans.jsonl"
+    lines = _traced_sidecar(f'exporter = "file"\npath = "{path}"\n', tmp_path)
+    assert _spans(lines) == []  # not on stderr
+    _traced_sidecar(f'exporter = "file"\npath = "{path}"\n', tmp_path)  # a second run appends
+    spans = _spans(path.read_text().splitlines())
+    assert [s["name"] for s in spans] == ["GET /healthz", "GET /healthz"]
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_the_exporter_keys_are_checked(tmp_path):
+    path = tmp_path / "config.toml"
+    for text, message in (('exporter = "file"', 'path: exporter = "file" needs the file'),
+                          ('exporter = "jaeger"', "exporter: must be one of")):
+        path.write_text(f"[tracing]\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            tracing.load_tracing_config(path)
+    path.write_text(f'[tracing]\nexporter = "file"\npath = "{tmp_path}/no/such/dir/spans.jsonl"\nenabled = true\n')
+    with pytest.raises(ConfigError, match="path: cannot open"):
+        tracing.setup(tracing.load_tracing_config(path), "edge-proxy")

@@ -5,9 +5,9 @@ options is reused as it is."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,11 +19,15 @@ import onnx
 
 from ..errors import CheckpointError
 from ..manifest import MANIFEST, read_manifest
+from ..sd_notify import notify
 from .checkpoint import Checkpoint, checksum, files_sha256, load_checkpoint
 from .onnx_graph import KV_DTYPES, build_graph
+from .progress import Progress, terminal
 from .quantize import INT8_FORMS
 from .tokenizer_export import export_tokenizer
 from .trt_graph import build_trt_graph
+
+log = logging.getLogger("edge_runtime.build")
 
 BUILDER_VERSION = 1
 DEFAULT_INT8_FORM = "nbits"  # as fast as "dq" and far closer to fp32: bench/int8_forms.py
@@ -70,28 +74,14 @@ class BuildOptions:
         return form
 
 
-def _progress(label: str):
-    """A progress reporter for stderr that stays silent for steps shorter than a second."""
-    start = time.monotonic()
-    last = [start]
-
-    def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - start < 1.0 or (done < total and now - last[0] < 0.5):
-            return
-        last[0] = now
-        end = "\n" if done >= total else ""
-        print(f"\r{label}: {100 * done // max(total, 1)}%", end=end, file=sys.stderr, flush=True)
-
-    return report
-
-
-def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), quiet: bool = False) -> Path:
+def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), quiet: bool = False,
+          progress: Progress = terminal) -> Path:
+    """`progress`: how the slow steps show how far they are (builder/progress.py); none if quiet."""
     source, out_dir = Path(source), Path(out_dir)
     graph_quant = options.graph_quant()
     if not source.exists():
         raise CheckpointError(f"{source}: no such file or directory")
-    digest = checksum(source, None if quiet else _progress(f"hashing {source.name}"))
+    digest = checksum(source, None if quiet else progress(f"hashing {source.name}"))
     key = {"source_sha256": digest, "quant": graph_quant, "arch": options.arch,
            "max_context": options.max_context, "flavour": options.flavour, "kv_dtype": options.kv_dtype,
            "builder_version": BUILDER_VERSION}
@@ -99,13 +89,16 @@ def build(source: Path, out_dir: Path, options: BuildOptions = BuildOptions(), q
     if existing and existing.get("build_key") == key and (out_dir / existing["model_file"]).exists():
         return out_dir
 
+    log.info("building the model (first use, or its source or options changed)",
+             extra={"source": str(source), "out_dir": str(out_dir), "quant": graph_quant})
+    notify("STATUS=building the model (first use): reading the checkpoint")  # (a no-op outside systemd)
     ckpt = load_checkpoint(source, options.arch)
     spec = ckpt.spec
     max_context = min(options.max_context or min(spec.max_context, DEFAULT_MAX_CONTEXT), spec.max_context)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        graph = write_model(ckpt, staging, options, max_context, None if quiet else _progress("building layers"))
+        graph = write_model(ckpt, staging, options, max_context, None if quiet else progress("building layers"))
         tok = export_tokenizer(source, staging)
         manifest = {
             "format": "edge-runtime-model",

@@ -59,6 +59,7 @@ class FleetAgent:
         on_apply: ApplyHook | None = None,
         counters: CountersSource | None = None,
         engine_status: EngineStatusSource | None = None,
+        command_line: Mapping[str, str] | None = None,
     ) -> None:
         fleet.check_trust()  # no controller key: refused unless unsigned pushes are allowed explicitly
         self.fleet = fleet
@@ -71,6 +72,7 @@ class FleetAgent:
         self.client = MqttClient(mqtt, mqtt.client_id or self.gateway_id)
         self._counters = counters
         self._engine_status = engine_status
+        self._command_line = command_line  # `table.key` -> a flag the process was given (sync.py)
         self.boot = 0
         self.sync: ConfigSync | None = None
         self.telemetry: TelemetrySender | None = None
@@ -84,8 +86,11 @@ class FleetAgent:
         self.sync = ConfigSync(
             gateway_id=self.gateway_id, targets=targets_of(self.fleet), state_dir=self.state_dir, tables=self.tables, public_key=self.public_key,
             allow_unsigned=self.fleet.allow_unsigned, max_clock_skew_s=self.fleet.max_clock_skew_s, apply_own=self._apply_fleet_keys,
-            on_apply=self.on_apply, boot=self.boot,
+            on_apply=self.on_apply, boot=self.boot, command_line=self._command_line,
         )
+        if overridden := self.sync.overridden():
+            log.warning("pushed keys not in force: a command-line flag sets them (the report says so)",
+                        extra={"overridden": overridden})
         fleet = self._in_force()
         self._nvml = Nvml.open()
         if Tegrastats.available():

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from . import schema
 from .atomic import read_json, write_json
 from .config import FleetConfig
-from .document import DocumentError, group_target, parse_desired
+from .document import DocumentError, flatten, group_target, parse_desired
 from .schema import ManagedTable
 from .signing import SIGNATURE_FIELD, canonical_bytes, verify
 
@@ -90,6 +90,7 @@ class ConfigSync:
         apply_own: OwnApply,
         on_apply: ApplyHook | None,
         boot: int,
+        command_line: Mapping[str, str] | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.targets = targets
@@ -101,6 +102,7 @@ class ConfigSync:
         self.apply_own = apply_own  # fleet.* keys: the agent's own
         self.on_apply = on_apply  # the rest: the sidecar's
         self.boot = boot
+        self.command_line = dict(command_line or {})  # `table.key` -> the process's flag that sets it
         state = read_json(self.path) or {}
         # A group the gateway has left no longer counts.
         self._layers: dict[str, dict[str, Any]] = {t: v for t, v in state.get("layers", {}).items() if t in targets}
@@ -109,13 +111,20 @@ class ConfigSync:
         self._boot_config = self.config  # in force since this process started
         self._pending_restart: set[str] = set()
         report = state.get("report")  # the last outcome, with the state it describes brought up to date
-        self.report: dict[str, Any] | None = {**report, "applied": self.versions, "needs_restart": []} if report else None
+        self.report: dict[str, Any] | None = {**report, "applied": self.versions, "needs_restart": [],
+                                              "overridden": self.overridden()} if report else None
         self._lock = asyncio.Lock()  # one document at a time, in arrival order
 
     @property
     def versions(self) -> dict[str, int]:
         """The applied version of each layer, lowest first."""
         return {t: self._layers[t]["version"] for t in self.targets if t in self._layers}
+
+    def overridden(self) -> dict[str, str]:
+        """Pushed keys not in force because a command-line flag sets them (`edge-proxy --port`):
+        `table.key` -> the flag. The report says so, rather than claim them in force."""
+        pushed = flatten(self.config)
+        return {key: flag for key, flag in sorted(self.command_line.items()) if key in pushed}
 
     @property
     def config(self) -> dict[str, dict[str, Any]]:
@@ -253,6 +262,7 @@ class ConfigSync:
             "results": results or {},  # by key changed: applied | needs_restart | why it failed
             "applied": self.versions,  # the version in force for each layer
             "needs_restart": sorted(self._pending_restart),  # changed since start, in force after a restart
+            "overridden": self.overridden(),  # pushed, but set by a command-line flag instead: not in force
         }
         write_json(self.path, {"format": 1, "layers": self._layers, "seen": self._seen, "resets": self._resets, "report": self.report})
         return self.report
