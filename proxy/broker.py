@@ -85,7 +85,8 @@ class MqttServices:
             cloud = settings.cloud
             backend = (UpstreamBackend(cloud.upstream, cloud.upstream_api_key, cloud.upstream_model) if cloud.upstream
                        else EngineBackend(parts.link))
-            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics, key=key)
+            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics, key=key,
+                                      presence_name=mqtt.username or self.client.client_id)
 
     async def start(self) -> None:
         for part in (self.offloader, self.devices, self.worker):

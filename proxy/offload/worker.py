@@ -171,8 +171,11 @@ class UpstreamBackend:
 
 class CloudWorker:
     def __init__(self, client: MqttClient, topics: Topics, config: CloudConfig, backend: Backend,
-                 metrics: MqttMetrics | None = None, worker_id: str | None = None, key: bytes | None = None) -> None:
-        """`key`: the offload secret (None: bare messages, only with `allow_unauthenticated`)."""
+                 metrics: MqttMetrics | None = None, worker_id: str | None = None, key: bytes | None = None,
+                 presence_name: str | None = None) -> None:
+        """`key`: the offload secret (None: bare messages, only with `allow_unauthenticated`);
+        `presence_name`: its presence topic's last level (default the client id; its MQTT user
+        name where it has one, which is what a broker ACL knows it by)."""
         self.client = client
         self.topics = topics
         self.config = config
@@ -181,7 +184,7 @@ class CloudWorker:
         self.key = key
         self.worker_id = worker_id or f"{socket.gethostname()}-{client.client_id}"
         self.subscription = topics.offload_request(config.share_group)
-        self.presence_topic = topics.offload_presence(client.client_id)
+        self.presence_topic = topics.offload_presence(presence_name or client.client_id)
         self._active: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> (its gateway, its task)
         self._seen: OrderedDict[str, float] = OrderedDict()  # request id -> its deadline (monotonic), oldest first
         self._state = protocol.ONLINE
