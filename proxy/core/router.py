@@ -403,8 +403,9 @@ class Router:
             self._cloud_ok_at = time.monotonic()
             verdict = True
         except _offload_failed() as exc:
-            self.cloud.failure()
-            verdict = True
+            if exc.reason not in _WORKER_DEATHS:  # one worker dying says nothing of the others
+                self.cloud.failure()
+                verdict = True
             if self.metrics is not None:
                 self.metrics.offload_failed(exc.reason)
             log.warning("offload failed", extra={"request_id": request_id, "reason": exc.reason, "error": exc.message,

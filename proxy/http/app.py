@@ -21,6 +21,7 @@ from .. import spans
 from ..auth.keys import Grant
 from ..compose import Parts, build
 from ..config import ProxyConfig
+from ..core.breaker import OPEN
 from ..core.errors import JSON_CONTENT, SERVER, ApiError, from_http, invalid, status_error
 from ..core.request import CompletionRequest
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
