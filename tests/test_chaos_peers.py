@@ -8,6 +8,7 @@ end of the module (`pytest -m chaos -s tests/test_chaos_peers.py`)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 from engine_harness import Engine
 from gateway_harness import (
@@ -34,7 +36,9 @@ from gateway_harness import (
     worker_process,
 )
 
+from proxy.broker_settings import MqttSettings
 from proxy.config import ProxyConfig
+from proxy.mqtt import MqttConfig
 
 pytestmark = pytest.mark.chaos
 
@@ -378,8 +382,8 @@ def test_broker_restart_mid_load(mqtt_broker, tiny_model_dir, sockets):
     broker = mqtt_broker()
     with Engine(tiny_model_dir, sockets / "bcloud.sock", max_batch=4, delay_s=0.01) as cloud, \
             Engine(tiny_model_dir, sockets / "blocal.sock", max_batch=4) as local, \
-            Gateway(ProxyConfig(engine_socket=str(cloud.socket_path)), settings(broker.url, role="cloud")) as worker, \
-            Gateway(proxy_config(local.socket_path), settings(broker.url, "gw-brk", offload=FORCE_OFFLOAD)) as gw:
+            Gateway(ProxyConfig(engine_socket=str(cloud.socket_path)), default_backoff(settings(broker.url, role="cloud"))) as worker, \
+            Gateway(proxy_config(local.socket_path), default_backoff(settings(broker.url, "gw-brk", offload=FORCE_OFFLOAD))) as gw:
         wait_for(lambda: gw.run(lambda: gw.services.offloader.workers_online) == 1, what="the worker's presence")
 
         async def main():
@@ -413,6 +417,13 @@ def test_broker_restart_mid_load(mqtt_broker, tiny_model_dir, sockets):
     assert serving_after < 3.0
     assert all(samples), samples
     FIGURES.setdefault("broker restart: offload serving again after the broker's return", []).append(serving_after)
+
+
+def default_backoff(mqtt: MqttSettings) -> MqttSettings:
+    """The settings with [mqtt]'s default reconnect backoff (the harness's is shorter)."""
+    defaults = MqttConfig(url=mqtt.mqtt.url)
+    return dataclasses.replace(mqtt, mqtt=msgspec.structs.replace(mqtt.mqtt, reconnect_min_s=defaults.reconnect_min_s,
+                                                                  reconnect_max_s=defaults.reconnect_max_s))
 
 
 def test_gateway_restart_with_overlap(broker, tiny_model_dir, sockets, tmp_path):
