@@ -302,11 +302,6 @@ class CloudWorker:
         numbers = itertools.count(1)
         sent = _Sent()
 
-        def seq() -> int:
-            sent.seq = next(numbers)
-            sent.at = time.monotonic()
-            return sent.seq
-
         outcome = "failed"
         beat = None
         try:
@@ -317,24 +312,26 @@ class CloudWorker:
             async with asyncio.timeout(timeout_s + 1.0):
                 async with contextlib.aclosing(self.backend.generate(request, request_id, timeout_s, trace)) as frames:
                     async for frame in frames:
-                        await self._send(reply_to, request_id, protocol.encode_chunk(request_id, seq(), frame, self.worker_id))
+                        number = next(numbers)
+                        await self._send(reply_to, request_id, protocol.encode_chunk(request_id, number, frame, self.worker_id))
+                        sent.seq, sent.at = number, time.monotonic()  # (once queued: a heartbeat names only chunks sent)
                         if frame.get("type") == protocol.DONE:
                             outcome = "served"
                             return
                         if frame.get("type") == protocol.ERROR:
                             return
             self._publish(reply_to, request_id, protocol.encode_chunk(
-                request_id, seq(), protocol.error_frame(INTERNAL, "the answer ended without a done frame"), self.worker_id))
+                request_id, next(numbers), protocol.error_frame(INTERNAL, "the answer ended without a done frame"), self.worker_id))
         except asyncio.CancelledError:  # the gateway cancelled it, or this worker is stopping
             outcome = "cancelled"
             with contextlib.suppress(MqttError):
-                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, seq(), {
+                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(numbers), {
                     "type": "done", "finish_reason": "cancelled",
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, self.worker_id))
             raise
         except TimeoutError:
             with contextlib.suppress(MqttError):
-                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, seq(), {
+                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(numbers), {
                     "type": "done", "finish_reason": "deadline",
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, self.worker_id))
         except MqttError as exc:  # the queue to the broker is full, or the client stopped
@@ -343,7 +340,7 @@ class CloudWorker:
             log.exception("offload request failed", extra={"id": request_id})
             with contextlib.suppress(MqttError):
                 self._publish(reply_to, request_id, protocol.encode_chunk(
-                    request_id, seq(), protocol.error_frame(INTERNAL, "the cloud worker failed"), self.worker_id))
+                    request_id, next(numbers), protocol.error_frame(INTERNAL, "the cloud worker failed"), self.worker_id))
         finally:
             if beat is not None:
                 beat.cancel()
