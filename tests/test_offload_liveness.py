@@ -9,9 +9,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from engine_harness import Engine
-from gateway_harness import OFFLOAD_SECRET, Gateway, mqtt_config, run, settings, wait_for
+from gateway_harness import OFFLOAD_SECRET, Gateway, mqtt_config, post, run, settings, wait_for
 
 from proxy.config import ProxyConfig
 from proxy.core.breaker import HALF_OPEN, OPEN, Breaker
@@ -236,3 +237,39 @@ def test_presence_follows_a_workers_life(broker, tiny_model_dir, tmp_path):
         finally:
             w.__exit__(None, None, None)
         wait_for(lambda: gw.run(lambda: offloader.workers_online) == 0, what="the worker gone")
+
+
+def test_a_gateway_that_never_met_its_engine_is_ready_by_the_cloud_and_lists_its_models(broker, worker, tmp_path):
+    """The engine is down from the start, a worker is online: /readyz says ready (cloud) before
+    any offload, /v1/models lists the configured names, and a request is served by the cloud."""
+    config = ProxyConfig(engine_socket=str(tmp_path / "never.sock"), model_aliases=("tiny",))
+    with Gateway(config, settings(broker.url, "gw-never")) as gw:
+        wait_for(lambda: gw.run(lambda: gw.services.offloader.workers_online) >= 1, what="the worker's presence")
+
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{gw.url}/readyz") as r:
+                    ready = (r.status, await r.json())
+                async with s.get(f"{gw.url}/v1/models") as r:
+                    models = (r.status, [m["id"] for m in (await r.json())["data"]])
+                answer = await post(f"{gw.url}/v1/chat/completions",
+                                    {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+            return ready, models, answer
+
+        ready, models, (status, headers, _) = run(main())
+    assert ready == (200, {"status": "ready", "route": "cloud"})
+    assert models == (200, ["tiny"])
+    assert (status, headers["x-served-by"]) == (200, "cloud")
+
+
+def test_readyz_names_why_every_path_refuses(broker, tmp_path):
+    """The engine is down and no worker is online (another topic prefix): 503, with both reasons."""
+    config = ProxyConfig(engine_socket=str(tmp_path / "never.sock"), model_aliases=("tiny",))
+    with Gateway(config, settings(broker.url, "gw-alone", fleet={"topic_prefix": "alone"})) as gw:
+        async def main():
+            async with aiohttp.ClientSession() as s, s.get(f"{gw.url}/readyz") as r:
+                return r.status, r.headers.get("Retry-After"), await r.json()
+
+        status, retry_after, body = run(main())
+    assert (status, retry_after) == (503, "1")
+    assert body == {"status": "unavailable", "reason": "the engine is unreachable; no cloud worker is online"}
