@@ -465,3 +465,38 @@ def test_gateway_restart_with_overlap(broker, tiny_model_dir, sockets, tmp_path)
                 new.__exit__(None, None, None)
         finally:
             kill(old)
+
+
+def test_worker_sigterm_finishes_what_it_serves_and_leaves(broker, tiny_model_dir, sockets, tmp_path):
+    """A worker told to stop (SIGTERM) mid-stream says `draining` (gateways stop counting it),
+    finishes the stream it serves, clears its presence and exits 0."""
+    config = tmp_path / "worker.toml"
+    config.write_text('[fleet]\ntopic_prefix = "chaosterm"\n')
+    with Engine(tiny_model_dir, sockets / "termcloud.sock", max_batch=1, delay_s=0.02) as slow, \
+            Engine(tiny_model_dir, sockets / "termlocal.sock") as local, \
+            Gateway(proxy_config(local.socket_path), settings(broker.url, "gw-wterm", offload=FORCE_OFFLOAD,
+                                                              fleet={"topic_prefix": "chaosterm"})) as gw:
+        log = tmp_path / "worker.log"
+        worker = worker_process(broker.url, slow.socket_path, log, "--config", str(config))
+        try:
+            offloader = gw.services.offloader
+            wait_for(lambda: gw.run(lambda: offloader.workers_online) == 1, what="the worker's presence")
+
+            async def main():
+                async with aiohttp.ClientSession() as session:
+                    started = asyncio.Event()
+                    stream = asyncio.ensure_future(request(session, gw.url, chat(True, 60), started))
+                    await started.wait()
+                    worker.send_signal(signal.SIGTERM)
+                    while gw.run(lambda: offloader.workers_online) != 0:  # draining
+                        await asyncio.sleep(0.01)
+                    draining = gw.run(lambda: list(offloader.workers.values()))
+                    return await stream, draining
+
+            outcome, draining = run(main())
+            assert outcome.ok and outcome.served_by == "cloud" and outcome.finish_reason == "length", outcome
+            assert draining == ["draining"]  # known, not counted: its requests are not moved
+            assert worker.wait(30) == 0
+            wait_for(lambda: gw.run(lambda: offloader.workers) == {}, what="the worker's presence cleared")
+        finally:
+            kill(worker)

@@ -82,6 +82,11 @@ class Offloader:
                 and len(self._inflight) < self.config.max_in_flight)
 
     @property
+    def workers(self) -> dict[str, str]:
+        """The workers known by their presence: worker id -> `online` or `draining`."""
+        return {worker: state for state, worker in self._workers.values()}
+
+    @property
     def workers_online(self) -> int:
         """Workers whose presence says `online` (retained: known from the first connect on)."""
         return sum(state == protocol.ONLINE for state, _ in self._workers.values())
