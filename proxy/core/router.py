@@ -393,8 +393,7 @@ class Router:
                         verdict = True
                         failure = self._cloud_error(frame, released)
                         raise failure
-                    if kind == "done" and frame.get("finish_reason") == "cancelled":  # the worker is stopping
-                        verdict = True
+                    if kind == "done" and frame.get("finish_reason") == "cancelled":  # the worker is stopping: no verdict
                         raise PathLost(_offload_error_of("lost", "the cloud worker stopped (it is shutting down)", released),
                                        CLOUD, "cancelled")
                     released = released or (req.stream and kind == "token")
@@ -416,6 +415,8 @@ class Router:
                 self.cloud.release()
 
     def _cloud_error(self, frame: dict[str, Any], released: bool) -> PathLost | ApiError | EngineError:
+        """What a worker's error frame means: PathLost when another path could serve the
+        request, else the error about the request itself (the engine would refuse it too)."""
         code = frame.get("code")
         message = str(frame.get("message") or "the cloud worker failed")
         if code in _CLOUD_FAILURES:
