@@ -17,7 +17,7 @@ Liveness (docs/reliability.md): the gateway follows the workers' presence
 stop), the offloads it claimed, and those not yet claimed by anyone, fail at once (`worker_lost`)
 so that the router can move them; each request asks for heartbeats every `peer_timeout_s / 3`, and
 a claimed offload whose worker falls silent for `peer_timeout_s` fails (`silent`). Chunks of a
-request id the router has moved elsewhere are dropped (`moved`)."""
+request id given up before its end (moved elsewhere, cancelled, timed out) are dropped (`moved`)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from .metrics import MqttMetrics
 
 log = logging.getLogger("proxy.offload")
 
-MOVED_IDS = 1024  # ids of failed-over offloads remembered, to tell their late chunks from strangers'
+MOVED_IDS = 1024  # ids of offloads given up before their end, remembered to tell their late chunks from strangers'
 HEARTBEATS_PER_TIMEOUT = 3  # a worker is asked for a heartbeat this many times per peer_timeout_s
 
 
