@@ -222,15 +222,16 @@ class Offloader:
         self._workers.pop(message.topic, None)
         if known is None:
             return
-        self._worker_gone(known[1], time.monotonic())
+        self._worker_gone(known[1], known[0] == protocol.ONLINE, time.monotonic())
 
-    def _worker_gone(self, worker: str, now: float) -> None:
-        """Fail what the worker claimed, and what nobody claimed yet (it may have been delivered
-        to that worker, which will never answer): the router moves them elsewhere."""
+    def _worker_gone(self, worker: str, was_taking: bool, now: float) -> None:
+        """Fail what the worker claimed and, when it was still taking requests (not draining),
+        what nobody claimed yet (it may have been delivered to that worker, which will never
+        answer): the router moves them elsewhere."""
         moved = 0
         for assembler in list(self._inflight.values()):
             owner = assembler.owner
-            if owner == worker or (owner is None and not assembler.finished and assembler.created_at <= now):
+            if owner == worker or (was_taking and owner is None and not assembler.finished and assembler.created_at <= now):
                 assembler.fail(OffloadFailed("worker_lost", f"the cloud worker {worker} is gone"))
                 moved += 1
         log.warning("cloud worker gone", extra={"worker": worker, "offloads_failed": moved})
