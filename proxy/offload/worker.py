@@ -13,7 +13,8 @@ the request names (a reply topic naming any other is refused: a request cannot m
 publish elsewhere), and only a cancel on that gateway's own cancel topic stops it.
 
 Liveness (docs/reliability.md): the worker keeps a retained presence on
-`{prefix}/offload/worker/{client id}` (`online`, then `draining` when it stops) whose Last Will
+`{prefix}/offload/worker/{name}` (its MQTT user name, else its client id; `online`, then
+`draining` when it stops) whose Last Will
 empties it, so that gateways fail over its requests as soon as the broker notices it is gone; a
 request that asks for heartbeats gets one whenever nothing else was sent for `heartbeat_s`. A
 request id is served once: a redelivery of one served or being served is ignored."""
