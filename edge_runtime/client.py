@@ -141,6 +141,11 @@ class EngineClient:
             pass
         await asyncio.gather(self._reader_task, return_exceptions=True)
 
+    async def abort(self) -> None:
+        """Drop the connection at once, unsent data and all (an engine that stopped reading)."""
+        self._writer.transport.abort()
+        await asyncio.gather(self._reader_task, return_exceptions=True)
+
     # -- internals ----------------------------------------------------------------------
 
     async def _ask(self, op: str) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class MqttServices:
         self.devices: DeviceFront | None = None
         self.worker: CloudWorker | None = None
         self._subscribed: list[asyncio.Future[int]] = []  # the parts' subscriptions, until acknowledged
+        self._left = False  # off the broker for good (leave() or stop())
         mqtt = settings.mqtt
         if settings.role == GATEWAY and settings.fleet.enabled:
             self.agent = FleetAgent(settings.fleet, mqtt, tables=_file_tables(settings.config_path), on_apply=self.on_apply,
@@ -85,7 +86,8 @@ class MqttServices:
             cloud = settings.cloud
             backend = (UpstreamBackend(cloud.upstream, cloud.upstream_api_key, cloud.upstream_model) if cloud.upstream
                        else EngineBackend(parts.link))
-            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics, key=key)
+            self.worker = CloudWorker(self.client, self.topics, cloud, backend, self.metrics, key=key,
+                                      presence_name=mqtt.username or self.client.client_id)
 
     async def start(self) -> None:
         for part in (self.offloader, self.devices, self.worker):
@@ -108,17 +110,43 @@ class MqttServices:
         async with asyncio.timeout(timeout):
             await asyncio.gather(*self._subscribed)
 
+    async def leave(self) -> None:
+        """SIGTERM: off the broker before the HTTP side drains (docs/reliability.md), so that a
+        new instance with the same client id connects without a fight: nothing reconnects from
+        here, and the DISCONNECT is clean (the Will is not sent). A gateway fails its offloads in
+        flight at once (the router moves those not started to the engine) and drops the device
+        requests in flight (their answers could not be delivered); a worker says `draining`,
+        finishes what it serves within grace_s, then leaves."""
+        if self._left:
+            return
+        self._left = True
+        self.client.reconnect = False
+        log.info("leaving the broker", extra={"role": self.settings.role, "client_id": self.client.client_id})
+        if self.worker is not None:
+            await self.worker.stop(self.parts.config.grace_s)
+        if self.offloader is not None:
+            self.offloader.leave()
+        if self.devices is not None:
+            await self.devices.stop(0.0)
+        await self._disconnect()
+
     async def stop(self) -> None:
         await self.parts.router.stop()
+        if self._left:
+            return
+        self._left = True
         grace = self.parts.config.grace_s
         if self.devices is not None:
             await self.devices.stop(grace)
         if self.worker is not None:
             await self.worker.stop(grace)
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
         if self.agent is not None:
             await self.agent.stop()
         else:
-            await self.client.stop()
+            await self.client.stop(final=self.worker.farewell() if self.worker is not None else ())
 
     # -- fleet ----------------------------------------------------------------------------------
 

@@ -74,10 +74,11 @@ def _hash_key(args: argparse.Namespace) -> int:
 async def serve(config: ProxyConfig, mqtt: MqttSettings | None = None) -> None:
     """Listen until SIGTERM/SIGINT, then let requests in flight finish (up to grace_s)."""
     app = build_app(config)
+    services = None
     if mqtt is not None and mqtt.mqtt is not None:
         from .broker import attach  # (its code loads only with a broker)
 
-        attach(app, mqtt)  # the broker side: fleet agent, offload, device front, cloud worker
+        services = attach(app, mqtt)  # the broker side: fleet agent, offload, device front, cloud worker
     runner = make_runner(app, config)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, backlog=1024)
@@ -103,6 +104,8 @@ async def serve(config: ProxyConfig, mqtt: MqttSettings | None = None) -> None:
     log.info("shutting down", extra={"grace_s": config.grace_s})
     if watchdog is not None:
         watchdog.cancel()
+    if services is not None:  # the broker first: a successor with the same client id may connect meanwhile
+        await services.leave()
     await runner.cleanup()
     log.info("stopped")
 

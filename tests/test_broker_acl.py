@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from engine_harness import Engine
-from gateway_harness import Gateway, mqtt_config, post, settings
+from gateway_harness import Gateway, mqtt_config, post, settings, wait_for
 from mqtt_harness import Broker, make_tls_files, mosquitto_binary
 
 from proxy.config import ProxyConfig
@@ -185,3 +185,8 @@ def test_the_sdk_device_client_works_under_the_shipped_acl(shipped, fleet):
     with DeviceClient(broker.url, gateway="gw-0042", client_id="dev-b", username="dev-b",
                       password=passwords["dev-b"], tls=tls) as dev:
         assert dev.complete("the quick", max_tokens=2, timeout=30).usage.completion_tokens <= 2
+
+
+def test_the_gateway_sees_the_workers_presence_under_the_shipped_acl(shipped, fleet):
+    gw, _ = fleet
+    wait_for(lambda: gw.run(lambda: gw.services.offloader.workers_online) == 1, timeout=10, what="the worker's presence")

@@ -51,6 +51,13 @@ class Breaker:
             return 0.0
         return max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
 
+    def probe_now(self) -> None:
+        """The path announced itself (a worker came online): an open breaker lets the next
+        request through as its probe without waiting out the cool-down."""
+        if self._state == OPEN:
+            self._opened_at = self._clock() - self.cooldown_s
+            self._probing = False
+
     def success(self) -> None:
         self._count = 0
         self._probing = False

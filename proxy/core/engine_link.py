@@ -1,11 +1,17 @@
 """The sidecar's link to the engine daemon: one long-lived EngineClient connection, multiplexing
 every request, re-established with backoff when it drops. A request that finds the engine down
-triggers an immediate attempt and waits for it only briefly, so it is answered 503 at once."""
+triggers an immediate attempt and waits for it only briefly, so it is answered 503 at once.
+
+A dead engine is noticed at once (its socket closes); a hung one by its status heartbeat: while
+connected, the link asks for the engine's status every HEARTBEAT_S, and an engine that leaves
+it unanswered for HUNG_AFTER_S is dropped like a dead one (its requests fail over, the link
+reconnects). The last status answered is kept (`last_status`) for the times the engine is away."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,8 @@ BACKOFF_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 2.0  # connecting plus the first status and models answers
 REQUEST_WAIT_S = 0.5  # how long a request waits for a connection attempt it triggered
 RETRY_GAP_S = 0.1  # requests arriving this soon after a failed attempt do not trigger another
+HEARTBEAT_S = 0.5  # how often a connected engine is asked for its status
+HUNG_AFTER_S = 1.5  # an engine that answers no status for this long is taken for hung and dropped
 
 
 class EngineLink:
@@ -32,6 +40,12 @@ class EngineLink:
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()  # pulsed (set, then replaced) whenever the state changes
         self._task: asyncio.Task[None] | None = None
+        self.last_status: dict[str, Any] | None = None  # the engine's last status answer; kept while it is away
+        self.on_connect: list[Callable[[], None]] = []  # called at every (re)connect: the engine announced itself
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and not self._client.closed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -72,9 +86,11 @@ class EngineLink:
         """The engine's status answer, or None when it is unreachable or does not answer in time."""
         try:
             client = await self.client()
-            return await asyncio.wait_for(client.status(), timeout_s)
+            status = await asyncio.wait_for(client.status(), timeout_s)
         except (ApiError, EngineError, TimeoutError):
             return None
+        self.last_status = status
+        return status
 
     def _pulse(self) -> None:
         self._changed.set()
@@ -106,11 +122,30 @@ class EngineLink:
             self._pulse()
             backoff, reported_down = BACKOFF_MIN_S, False
             log.info("engine connected", extra={"socket": str(self.socket_path), "model": (self.model or {}).get("id")})
-            await client.wait_closed()
+            for hook in self.on_connect:
+                hook()
+            heartbeat = asyncio.create_task(self._heartbeat(client))
+            try:
+                await client.wait_closed()
+            finally:
+                heartbeat.cancel()
             self._client = None
             self._pulse()
             log.warning("engine connection lost; reconnecting", extra={"socket": str(self.socket_path)})
             await client.close()
+
+    async def _heartbeat(self, client: EngineClient) -> None:
+        """Drop the connection of an engine that stops answering its status (hung, or stopped)."""
+        while not client.closed:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                self.last_status = await asyncio.wait_for(client.status(), HUNG_AFTER_S)
+            except TimeoutError:
+                log.warning("engine answers no status; dropping the connection", extra={"after_s": HUNG_AFTER_S})
+                await client.abort()
+                return
+            except EngineError:
+                return  # the connection closed: the link notices
 
     async def _connect(self) -> EngineClient:
         client = await EngineClient.connect(self.socket_path)
@@ -122,4 +157,5 @@ class EngineLink:
             raise
         client.max_frame_bytes = int(status.get("max_frame_bytes", client.max_frame_bytes))
         self.model = models[0]
+        self.last_status = status
         return client

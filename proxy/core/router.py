@@ -36,7 +36,7 @@ from edge_wire.frames import BUSY, INTERNAL, SHUTTING_DOWN
 
 from .breaker import OPEN, Breaker
 from .engine_link import EngineLink
-from .errors import SERVER, ApiError, unavailable
+from .errors import SERVER, ApiError, from_engine, unavailable
 
 if TYPE_CHECKING:
     from ..offload import MqttMetrics, OffloadConfig, Offloader
@@ -45,15 +45,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.router")
 
 LOCAL, CLOUD, CACHE = "local", "cloud", "cache"
-CLOUD_PROVEN_S = 300.0  # an offload answered this recently: the cloud path counts as serving (/readyz)
+CLOUD_PROVEN_S = 300.0  # an offload answered this recently: the cloud path counts as serving (/readyz) without presence
 FIRST_FRAME_MARGIN_S = 2.0  # past the request's own deadline, waiting for the engine's first frame stops
 # The cloud's error codes that mean "this path could not serve it now" (anything else is about the request).
 _CLOUD_RETRYABLE = frozenset({BUSY, SHUTTING_DOWN, INTERNAL, "unavailable", "expired", CONNECTION_LOST})
 _CLOUD_FAILURES = frozenset({INTERNAL, "unavailable", SHUTTING_DOWN})  # count against the cloud breaker
 _CPU_SENSORS = ("coretemp", "k10temp", "zenpower", "cpu_thermal", "cpu-thermal", "soc_thermal", "acpitz", "tegra")
 
+_WORKER_DEATHS = frozenset({"worker_lost", "silent"})  # another worker may serve what the dead one held
+_ENGINE_LOST = frozenset({CONNECTION_LOST, SHUTTING_DOWN})  # the engine died or is restarting: another path may serve
+
 Cancel = Callable[[], Awaitable[None]]
 ServedBy = Callable[[str], None]
+
+
+class PathLost(Exception):
+    """A request's path failed in a way another path could serve it: the engine died or is
+    restarting, a cloud worker died, fell silent or is stopping, the broker went away. `error`:
+    what the client gets when the request cannot be moved; `reason`: what happened."""
+
+    def __init__(self, error: ApiError, route: str, reason: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.route = route
+        self.reason = reason
 
 
 @dataclass
@@ -133,12 +148,15 @@ class Router:
         self.health = Health(link)
         self._cloud_ok_at = -math.inf  # monotonic time of the last offload answered in full
         self._monitor: asyncio.Task[None] | None = None
+        # A reconnect is the engine announcing itself; its status and models answers were the probe.
+        link.on_connect.append(self.local.success)
 
     # -- setup --------------------------------------------------------------------------------
 
     def enable_offload(self, offloader: Offloader, config: OffloadConfig, metrics: MqttMetrics | None = None) -> None:
         self.offloader = offloader
         self.metrics = metrics
+        offloader.on_worker_online = lambda _worker: self.cloud.probe_now()  # the next request is the probe
         self.configure(config)
         if metrics is not None:
             metrics.watch(self.local)
@@ -179,11 +197,21 @@ class Router:
         """Could a request be offloaded now? (for /readyz and model resolution)"""
         return self.offloading and self.offloader.available and self.cloud.state != OPEN
 
-    @property
-    def cloud_serving(self) -> bool:
-        """Is the cloud path up and has it answered lately? (/readyz while the engine is down:
-        a broker connection alone does not say that any worker listens)"""
-        return self.cloud_ready and time.monotonic() - self._cloud_ok_at < CLOUD_PROVEN_S
+    def cloud_refusal(self) -> str | None:
+        """Why a request could not be offloaded now (None: it could). A broker connection alone
+        does not say that any worker listens: a worker online (its presence), or an offload
+        answered lately (workers that do not announce themselves), does."""
+        if not self.offloading:
+            return "offload is off"
+        if not self.offloader.client.connected:
+            return "the broker is unreachable"
+        if not self.offloader.available:
+            return "no offload secret" if self.offloader.auth == "refused" else "the cloud path is full (max_in_flight)"
+        if self.cloud.state == OPEN:
+            return "the cloud path's circuit breaker is open"
+        if self.offloader.workers_online == 0 and time.monotonic() - self._cloud_ok_at >= CLOUD_PROVEN_S:
+            return "no cloud worker is online"
+        return None
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -246,7 +274,13 @@ class Router:
                      trace: dict[str, str] | None) -> Route:
         frames = engine.generate(**req.prompt, params=req.params, timeout_s=timeout_s, trace=trace, id=request_id,
                                  **req.structured.engine_fields())
-        return Route(frames, functools.partial(engine.cancel, request_id), LOCAL)
+        asked = [False]  # the service cancelled it (its `cancelled` ending is then no failure)
+
+        async def cancel() -> None:
+            asked[0] = True
+            await engine.cancel(request_id)
+
+        return Route(_local_frames(frames, req.prompt_field, asked), cancel, LOCAL)
 
     async def _try_local(self, req: CompletionRequest, request_id: str, timeout_s: float,
                          trace: dict[str, str] | None) -> tuple[Route | None, BaseException | None, str | None]:
@@ -270,11 +304,12 @@ class Router:
             self.health.note_wait(exc.estimated_wait_s)
             await frames.aclose()
             return None, exc, "busy"
+        except PathLost as exc:  # the engine died or is restarting
+            await frames.aclose()
+            self.local.failure()
+            return None, exc.error, "unreachable"
         except EngineError as exc:
             await frames.aclose()
-            if exc.code in (CONNECTION_LOST, SHUTTING_DOWN):
-                self.local.failure()
-                return None, exc, "unreachable"
             if exc.code == INTERNAL:
                 self.local.failure()
                 return None, exc, "error"
@@ -298,80 +333,90 @@ class Router:
         route, error, _ = await self._try_local(req, request_id, timeout_s, trace)
         return route if route is not None else Route(_raising(error), _nothing, LOCAL)
 
+    # -- moving a request that lost its path ------------------------------------------------
+
+    async def redispatch(self, route: Route, lost: PathLost, req: CompletionRequest, request_id: str, timeout_s: float,
+                         trace: dict[str, str] | None, served_by: ServedBy | None = None) -> Route | None:
+        """Another path for a request whose path was lost before its answer reached the client
+        (the service calls this once per request): the cloud when the engine was lost; another
+        worker when a worker died or fell silent and others are online, else the local engine
+        (unless the local engine is what was down). None when no path can take it."""
+        if not self.offloading:
+            return None
+        if route.served_by == LOCAL:
+            if not self._cloud_allowed():
+                return None
+            if self.metrics is not None:
+                self.metrics.offload("unreachable")
+            return self._cloud_route(req, request_id, timeout_s, trace, "unreachable", served_by)
+        reason = route.reason or "unreachable"
+        if lost.reason in _WORKER_DEATHS and self.offloader.workers_online > 0 and self._cloud_allowed():
+            if self.metrics is not None:
+                self.metrics.offload(reason)
+            return self._cloud_route(req, request_id, timeout_s, trace, reason, served_by)
+        if not self._may_retry_locally(reason, lost.error):
+            return None
+        local, error, _ = await self._try_local(req, request_id, timeout_s, trace)
+        if local is None:
+            raise error if isinstance(error, ApiError) else from_engine(error, req.prompt_field)
+        if self.metrics is not None:
+            self.metrics.offload_fallbacks.inc()
+        if served_by is not None:
+            served_by(LOCAL)
+        return local
+
     # -- the cloud path -----------------------------------------------------------------------
 
     def _cloud_route(self, req: CompletionRequest, request_id: str, timeout_s: float, trace: dict[str, str] | None,
                      reason: str, served_by: ServedBy | None) -> Route:
         offloader = self.offloader
         offload_id = offloader.offload_id(request_id)
-        state: dict[str, Cancel] = {"cancel": functools.partial(offloader.cancel_async, offload_id)}
-
-        async def cancel() -> None:
-            await state["cancel"]()
-
-        frames = self._cloud_frames(req, request_id, offload_id, timeout_s, trace, reason, served_by, state)
+        frames = self._cloud_frames(req, request_id, offload_id, timeout_s, trace)
         if served_by is not None:
             served_by(CLOUD)
-        return Route(frames, cancel, CLOUD, reason)
+        return Route(frames, functools.partial(offloader.cancel_async, offload_id), CLOUD, reason)
 
     async def _cloud_frames(self, req: CompletionRequest, request_id: str, offload_id: str, timeout_s: float,
-                            trace: dict[str, str] | None, reason: str, served_by: ServedBy | None,
-                            state: dict[str, Cancel]) -> AsyncIterator[dict[str, Any]]:
-        """The offloaded answer. A plain (non-stream) answer is gathered whole before anything
-        is released, so that a failure at any point can still be retried locally."""
-        buffer: list[dict[str, Any]] | None = None if req.stream else []
-        released = False
+                            trace: dict[str, str] | None) -> AsyncIterator[dict[str, Any]]:
+        """The offloaded answer. A failure that another path could serve raises PathLost (the
+        service moves the request when nothing of it reached the client)."""
+        released = False  # a token of a streamed answer went on towards the client
         verdict = False
-        failure: ApiError | EngineError | None = None
         model = self.link.model["id"] if self.link.model else req.model
         frames = self.offloader.generate(offload_id, kind=req.kind, model=model, prompt=req.prompt, params=req.params,
                                          timeout_s=timeout_s, trace=trace, **req.structured.engine_fields())
         try:
             async with contextlib.aclosing(frames):
                 async for frame in frames:
-                    if frame.get("type") == "error":
-                        failure = self._cloud_error(frame, released)
+                    kind = frame.get("type")
+                    if kind == "error":
                         verdict = True
-                        break
-                    if buffer is not None:
-                        buffer.append(frame)
-                        continue
-                    released = True
+                        failure = self._cloud_error(frame, released)
+                        raise failure
+                    if kind == "done" and frame.get("finish_reason") == "cancelled":  # the worker is stopping: no verdict
+                        raise PathLost(_offload_error_of("lost", "the cloud worker stopped (it is shutting down)", released),
+                                       CLOUD, "cancelled")
+                    released = released or (req.stream and kind == "token")
                     yield frame
-            if failure is None:
-                self.cloud.success()
-                self._cloud_ok_at = time.monotonic()
-                verdict = True
-        except _offload_failed() as exc:
-            self.cloud.failure()
+            self.cloud.success()
+            self._cloud_ok_at = time.monotonic()
             verdict = True
+        except _offload_failed() as exc:
+            if exc.reason not in _WORKER_DEATHS:  # one worker dying says nothing of the others
+                self.cloud.failure()
+                verdict = True
             if self.metrics is not None:
                 self.metrics.offload_failed(exc.reason)
             log.warning("offload failed", extra={"request_id": request_id, "reason": exc.reason, "error": exc.message,
                                                  "after_first_token": released})
-            failure = _offload_error(exc, released)
+            raise PathLost(_offload_error(exc, released), CLOUD, exc.reason) from None
         finally:
             if not verdict:
                 self.cloud.release()
-        if failure is None:
-            for frame in buffer or ():
-                yield frame
-            return
-        if released or not self._may_retry_locally(reason, failure):
-            raise failure
-        # Nothing reached the client yet: the local engine takes it after all.
-        if self.metrics is not None:
-            self.metrics.offload_fallbacks.inc()
-        engine = await self.link.client()  # the 503 when it is down too
-        route = self._local_route(engine, req, f"{request_id}-l", timeout_s, trace)
-        state["cancel"] = route.cancel
-        if served_by is not None:
-            served_by(LOCAL)
-        async with contextlib.aclosing(route.frames) as local_frames:
-            async for frame in local_frames:
-                yield frame
 
-    def _cloud_error(self, frame: dict[str, Any], released: bool) -> ApiError | EngineError:
+    def _cloud_error(self, frame: dict[str, Any], released: bool) -> PathLost | ApiError | EngineError:
+        """What a worker's error frame means: PathLost when another path could serve the
+        request, else the error about the request itself (the engine would refuse it too)."""
         code = frame.get("code")
         message = str(frame.get("message") or "the cloud worker failed")
         if code in _CLOUD_FAILURES:
@@ -386,18 +431,18 @@ class Router:
         if code in _CLOUD_RETRYABLE:
             wait = frame.get("estimated_wait_s")
             if released:
-                return ApiError(503, f"the cloud worker stopped this answer: {message}", type=SERVER, code="offload_interrupted")
-            if code == BUSY:
-                return unavailable(f"the cloud is busy: {message}", wait if isinstance(wait, (int, float)) else 1.0,
-                                   code="engine_busy")
-            return unavailable(f"the cloud could not serve this request: {message}", 1.0, code="cloud_unavailable")
+                error = ApiError(503, f"the cloud worker stopped this answer: {message}", type=SERVER, code="offload_interrupted")
+            elif code == BUSY:
+                error = unavailable(f"the cloud is busy: {message}", wait if isinstance(wait, (int, float)) else 1.0,
+                                    code="engine_busy")
+            else:
+                error = unavailable(f"the cloud could not serve this request: {message}", 1.0, code="cloud_unavailable")
+            return PathLost(error, CLOUD, str(code))
         param = frame.get("param") if isinstance(frame.get("param"), str) else None
         return EngineError(str(code), message, param)
 
-    def _may_retry_locally(self, reason: str, failure: ApiError | EngineError) -> bool:
+    def _may_retry_locally(self, reason: str, failure: ApiError) -> bool:
         if not self.config.retry_local or reason in ("unreachable", "breaker", "error"):
-            return False
-        if isinstance(failure, EngineError):  # about the request: the engine would refuse it too
             return False
         return failure.status != 504  # its deadline has passed
 
@@ -409,10 +454,33 @@ def _offload_failed() -> type[Exception]:
 
 
 def _offload_error(exc: Any, released: bool) -> ApiError:
+    return _offload_error_of(exc.reason, exc.message, released)
+
+
+def _offload_error_of(reason: str, message: str, released: bool) -> ApiError:
+    """What the client gets when an offload fails: after the first streamed token the error
+    event of a cut-off stream, before it a 503."""
     if released:
-        status, code = (504, "offload_timeout") if exc.reason == "timeout" else (503, "offload_interrupted")
-        return ApiError(status, f"the offloaded answer was cut off: {exc.message}", type=SERVER, code=code)
-    return unavailable(f"the cloud could not serve this request: {exc.message}", 1.0, code="cloud_unavailable")
+        status, code = (504, "offload_timeout") if reason == "timeout" else (503, "offload_interrupted")
+        return ApiError(status, f"the offloaded answer was cut off: {message}", type=SERVER, code=code)
+    return unavailable(f"the cloud could not serve this request: {message}", 1.0, code="cloud_unavailable")
+
+
+async def _local_frames(frames: AsyncIterator[dict[str, Any]], prompt_param: str,
+                        asked: list[bool]) -> AsyncIterator[dict[str, Any]]:
+    """The engine's frames; its death (the connection lost) or its shutdown (the request
+    cancelled by the engine itself, or refused `shutting_down`) raises PathLost."""
+    async with contextlib.aclosing(frames):
+        try:
+            async for frame in frames:
+                if frame.get("type") == "done" and frame.get("finish_reason") == "cancelled" and not asked[0]:
+                    raise PathLost(unavailable("the engine stopped this request (it is shutting down)", 2.0), LOCAL,
+                                   "cancelled")
+                yield frame
+        except EngineError as exc:
+            if exc.code not in _ENGINE_LOST:
+                raise
+            raise PathLost(from_engine(exc, prompt_param), LOCAL, exc.code) from None
 
 
 async def _prepend(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:

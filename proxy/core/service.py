@@ -5,7 +5,12 @@ filter and the tool-call parser, accounts for tokens, and maps every failure to 
 
 Everything up to the first answer frame happens in `open` (so a front can still answer a
 failure with its own status); after that, `Completion.events()` yields text and tool-call
-deltas and one final Done, or raises the ApiError that ended the answer."""
+deltas and one final Done, or raises the ApiError that ended the answer.
+
+A request whose path is lost (the router's PathLost: the engine died, a cloud worker died) while
+nothing of its answer has reached the client is moved to another path once (docs/reliability.md):
+a stream until its first frame (the HTTP headers go out with it), a plain answer until its end
+(it is released whole). A stream already started ends with the path's error."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,7 +34,9 @@ from .cache import CachedResult, ResponseCache, cache_key
 from .engine_link import EngineLink
 from .errors import SERVER, ApiError, from_engine, invalid, unavailable, unsupported
 from .request import Caller, CompletionRequest
-from .router import CACHE, Router
+from .router import CACHE, PathLost, Route, Router
+
+log = logging.getLogger("proxy.service")
 
 TIMEOUT_MARGIN_S = 2.0  # past the engine's own deadline, the sidecar stops waiting for it
 CACHEABLE = frozenset({"stop", "length"})
@@ -112,18 +120,48 @@ class CompletionService:
                 span.set_attribute("edge.route", plan.route)
         deadline = asyncio.get_running_loop().time() + self.timeout_s + TIMEOUT_MARGIN_S
         with spans.client_span("engine.generate"):
+            request_id, trace = f"sc{next(self._ids)}", spans.outgoing(caller.trace)
             try:
-                route = await self.router.open(plan, req, f"sc{next(self._ids)}", self.timeout_s,
-                                               spans.outgoing(caller.trace), caller.on_route)
+                route = await self.router.open(plan, req, request_id, self.timeout_s, trace, caller.on_route)
             except UnicodeEncodeError:
                 raise _bad_unicode() from None
-            async with contextlib.aclosing(route.frames) as frames:
-                first = await self._first(frames, req, deadline, caller)
-                answer = Answer(safety, req.logprobs)
-                yield Completion(self, req, caller, model, self._answer(frames, first, deadline, answer, route.cancel, req,
-                                                                        key, caller))
+            attempt = _Attempt(route, request_id, trace, deadline)
+            try:
+                first = await self._first_moving(attempt, req, caller)
+                yield Completion(self, req, caller, model, self._answer(attempt, first, safety, req, key, caller))
+            finally:
+                await attempt.close()
 
     # -- the engine's answer ----------------------------------------------------------------
+
+    async def _first_moving(self, attempt: _Attempt, req: CompletionRequest, caller: Caller) -> dict[str, Any]:
+        """The first frame; when the path is lost before it, the first frame of another path."""
+        try:
+            return await self._first(attempt.route.frames, req, attempt.deadline, caller)
+        except PathLost as lost:
+            await self._move(attempt, lost, req, caller)
+        try:
+            return await self._first(attempt.route.frames, req, attempt.deadline, caller)
+        except PathLost as lost:
+            raise lost.error from None
+
+    async def _move(self, attempt: _Attempt, lost: PathLost, req: CompletionRequest, caller: Caller) -> None:
+        """Put the request on another path (once), or raise the lost path's error."""
+        left = attempt.deadline - asyncio.get_running_loop().time() - TIMEOUT_MARGIN_S
+        if attempt.moved or left < 0.5:
+            raise lost.error from None
+        attempt.moved = True
+        try:
+            route = await self.router.redispatch(attempt.route, lost, req, f"{attempt.request_id}-r", left, attempt.trace,
+                                                 caller.on_route)
+        except UnicodeEncodeError:
+            raise _bad_unicode() from None
+        if route is None:
+            raise lost.error from None
+        log.info("request moved", extra={"request_id": attempt.request_id, "from": attempt.route.served_by,
+                                         "to": route.served_by, "why": lost.reason})
+        self.metrics.redispatched.labels(attempt.route.served_by, route.served_by).inc()
+        await attempt.replace(route)
 
     async def _first(self, frames: AsyncIterator[dict[str, Any]], req: CompletionRequest, deadline: float,
                      caller: Caller) -> dict[str, Any]:
@@ -142,23 +180,35 @@ class CompletionService:
             self._check_done(frame)
         return frame
 
-    async def _answer(self, frames: AsyncIterator[dict[str, Any]], frame: dict[str, Any], deadline: float, answer: Answer,
-                      cancel: Cancel, req: CompletionRequest, key: bytes | None, caller: Caller) -> AsyncIterator[Event]:
-        try:
-            async with asyncio.timeout_at(deadline):
-                while frame["type"] == "token":
-                    for event in _released(answer.token(frame), answer):
+    async def _answer(self, attempt: _Attempt, frame: dict[str, Any], safety: SafetyFilter, req: CompletionRequest,
+                      key: bytes | None, caller: Caller) -> AsyncIterator[Event]:
+        answer = Answer(safety, req.logprobs)
+        while True:
+            try:
+                async with asyncio.timeout_at(attempt.deadline):
+                    while frame["type"] == "token":
+                        for event in _released(answer.token(frame), answer):
+                            yield event
+                        if answer.blocked is not None:
+                            frame = await _drain(attempt.route.frames, attempt.route.cancel)
+                            break
+                        frame = await anext(attempt.route.frames)
+                    for event in _released(answer.end(), None):
                         yield event
-                    if answer.blocked is not None:
-                        frame = await _drain(frames, cancel)
-                        break
-                    frame = await anext(frames)
-                for event in _released(answer.end(), None):
-                    yield event
-        except EngineError as exc:
-            raise from_engine(exc, req.prompt_field) from None
-        except TimeoutError:
-            raise self.timeout() from None
+                break
+            except PathLost as lost:
+                if req.stream or answer.blocked is not None:  # its start reached the client
+                    raise lost.error from None
+                await self._move(attempt, lost, req, caller)  # a plain answer: nothing was released yet
+                try:
+                    frame = await self._first(attempt.route.frames, req, attempt.deadline, caller)
+                except PathLost as again:
+                    raise again.error from None
+                answer = Answer(safety, req.logprobs)
+            except EngineError as exc:
+                raise from_engine(exc, req.prompt_field) from None
+            except TimeoutError:
+                raise self.timeout() from None
         yield self._finish(req, frame, answer, key, caller)
 
     def _finish(self, req: CompletionRequest, done: dict[str, Any], answer: Answer, key: bytes | None,
@@ -189,6 +239,24 @@ class CompletionService:
 
     def timeout(self) -> ApiError:
         return ApiError(504, f"the request did not finish within {self.timeout_s:g} s", type=SERVER, code="timeout")
+
+
+class _Attempt:
+    """The path a request is on now (it may move once), and what stays with the request."""
+
+    def __init__(self, route: Route, request_id: str, trace: dict[str, str] | None, deadline: float) -> None:
+        self.route = route
+        self.request_id = request_id
+        self.trace = trace
+        self.deadline = deadline
+        self.moved = False
+
+    async def replace(self, route: Route) -> None:
+        old, self.route = self.route, route
+        await old.frames.aclose()
+
+    async def close(self) -> None:
+        await self.route.frames.aclose()
 
 
 @dataclass

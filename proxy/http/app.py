@@ -21,6 +21,7 @@ from .. import spans
 from ..auth.keys import Grant
 from ..compose import Parts, build
 from ..config import ProxyConfig
+from ..core.breaker import OPEN
 from ..core.errors import JSON_CONTENT, SERVER, ApiError, from_http, invalid, status_error
 from ..core.request import CompletionRequest
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -154,8 +155,15 @@ class Sidecar:
         return _json(self._model(name))
 
     async def _model_names(self) -> list[str]:
+        """The engine's model (as last met: kept while the engine is away) and its aliases; the
+        aliases alone while the engine was never met but the cloud can serve them."""
         if self.link.model is None:
-            await self.link.client()  # learns the model on connecting, or raises 503
+            try:
+                await self.link.client()  # learns the model on connecting, or raises 503
+            except ApiError:
+                if not self.config.model_aliases or self.parts.router.cloud_refusal() is not None:
+                    raise
+                return list(self.config.model_aliases)
         return [self.link.model["id"], *self.config.model_aliases]
 
     def _model(self, name: str) -> dict[str, Any]:
@@ -167,19 +175,23 @@ class Sidecar:
         return web.Response(body=_HEALTHY, content_type=JSON_CONTENT)
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """What a request sent now would get (docs/reliability.md): ready with the route it
+        would take, or 503 with why every path refuses it."""
         status = await self.link.status()
         self.metrics.set_engine_status(status)
-        if (status is None or status.get("shutting_down")) and self.parts.router.cloud_serving:
-            return _json({"status": "ready", "route": "cloud"})  # the engine is down: requests are offloaded
-        if status is None:
-            return _json({"status": "unavailable", "reason": "the engine is unreachable"}, 503, _READY_RETRY_AFTER)
-        if status.get("shutting_down"):
-            return _json({"status": "unavailable", "reason": "the engine is shutting down"}, 503, _READY_RETRY_AFTER)
-        model = status.get("model") or {}
-        if not model.get("id"):
-            return _json({"status": "unavailable", "reason": "the engine has no model loaded"}, 503, _READY_RETRY_AFTER)
-        return _json({"status": "ready", "model": model["id"], "queue_depth": status.get("queue_depth", 0),
-                      "running": status.get("running", 0)})
+        router = self.parts.router
+        local = _local_refusal(status)
+        if local is None and router.offloading and router.local.state == OPEN:
+            local = "the local path's circuit breaker is open"
+        if local is None:
+            return _json({"status": "ready", "route": "local", "model": status["model"]["id"],
+                          "queue_depth": status.get("queue_depth", 0), "running": status.get("running", 0)})
+        if not router.offloading:
+            return _json({"status": "unavailable", "reason": local}, 503, _READY_RETRY_AFTER)
+        cloud = router.cloud_refusal()
+        if cloud is None:
+            return _json({"status": "ready", "route": "cloud"})
+        return _json({"status": "unavailable", "reason": f"{local}; {cloud}"}, 503, _READY_RETRY_AFTER)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         self.metrics.set_engine_status(await self.link.status(timeout_s=0.5))
@@ -199,6 +211,17 @@ class Sidecar:
         if self.draining:
             response.force_close()
             response.headers["Connection"] = "close"  # the hook runs after aiohttp wrote its own header
+
+
+def _local_refusal(status: dict[str, Any] | None) -> str | None:
+    """Why the engine would not take a request now (None: it would), from its status answer."""
+    if status is None:
+        return "the engine is unreachable"
+    if status.get("shutting_down"):
+        return "the engine is shutting down"
+    if not (status.get("model") or {}).get("id"):
+        return "the engine has no model loaded"
+    return None
 
 
 def _allowed(names: list[str], grant: Grant | None) -> list[str]:

@@ -166,6 +166,7 @@ class MqttClient:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False  # stop() began: a lost connection is expected, not to be retried
         self._closed = False
+        self.reconnect = True  # False: a lost connection is final (an instance that is draining must not fight its successor)
         self.connects = 0  # successful connects since start (telemetry)
 
     # -- public -----------------------------------------------------------------------------
@@ -303,11 +304,13 @@ class MqttClient:
             try:
                 await self._session()
                 failures = 0
-                if self._stopping:
+                if self._stopping or not self.reconnect:
                     return
             except _FallBack:
                 continue
             except _ConnectFailed as exc:
+                if not self.reconnect:
+                    return
                 failures += 1
                 log.warning("broker connection failed", extra={"broker": self._broker, "error": str(exc), "attempt": failures})
             delay = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2 ** max(failures - 1, 0))

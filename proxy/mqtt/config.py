@@ -99,7 +99,7 @@ class MqttConfig(Table):
     keepalive_s: Annotated[int, Meta(ge=1, le=65535, description="a dead gateway is marked offline within about 1.5x this")] = 30
     connect_timeout_s: Annotated[float, Meta(gt=0, le=300, description="to connect and get CONNACK")] = 10.0
     reconnect_min_s: Annotated[float, Meta(gt=0, le=3600, description="reconnect backoff doubles from here ...")] = 0.5
-    reconnect_max_s: Annotated[float, Meta(gt=0, le=3600, description="... up to here (with jitter)")] = 30.0
+    reconnect_max_s: Annotated[float, Meta(gt=0, le=3600, description="... up to here (with jitter; 2 s: back within about 2 s of a broker's return)")] = 2.0
     max_queued: Annotated[int, Meta(
         ge=1, le=1_000_000, description="messages waiting for the broker (while disconnected, or unacknowledged)")] = 1000
     session_expiry_s: Annotated[int, Meta(

@@ -58,6 +58,10 @@ class Topics:
         topic = f"{self.prefix}/offload/request"
         return f"$share/{share_group}/{topic}" if share_group else topic
 
+    def offload_presence(self, worker: str = "+") -> str:
+        """Where a cloud worker (its client id) says it is online or draining; `+`: every worker's."""
+        return f"{self.prefix}/offload/worker/{worker}"
+
     def offload_reply(self, gw: str) -> str:
         return f"{self.prefix}/{gw}/offload/reply"
 

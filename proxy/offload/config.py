@@ -43,6 +43,9 @@ class OffloadConfig(Table):
     accept_timeout_s: Annotated[float, Meta(
         gt=0, le=600, description="no cloud worker took the request by then: the cloud path failed")] = 5.0
     idle_timeout_s: Annotated[float, Meta(gt=0, le=3600, description="longest silence between two chunks of an offloaded answer")] = 10.0
+    peer_timeout_s: Annotated[float, Meta(
+        ge=0.15, le=600, description="a cloud worker that sends nothing, not even a heartbeat, for this long is taken for "
+                                    "dead and its requests are moved (it is asked for a heartbeat 3 times as often)")] = 1.0
     breaker_failures: Annotated[int, Meta(
         ge=1, le=1000, description="failures in a row that open a path's circuit breaker (local, cloud)")] = 3
     breaker_cooldown_s: Annotated[float, Meta(gt=0, le=3600, description="an open breaker lets a probe through after this")] = 10.0

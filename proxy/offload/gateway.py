@@ -10,7 +10,14 @@ that the router can retry it locally or end it with a clear error.
 Requests, cancels and chunks are sealed with the fleet's offload secret (protocol.seal): a chunk
 that is not is dropped (counted `unauthenticated`), as is one from any worker but the one whose
 `accepted` chunk claimed the request (`other_worker`). Ids carry 128 random bits: nobody can
-name a request they have not seen."""
+name a request they have not seen.
+
+Liveness (docs/reliability.md): the gateway follows the workers' presence
+(`{prefix}/offload/worker/+`): when a worker's presence is cleared (its Last Will, or its clean
+stop), the offloads it claimed, and those not yet claimed by anyone, fail at once (`worker_lost`)
+so that the router can move them; each request asks for heartbeats every `peer_timeout_s / 3`, and
+a claimed offload whose worker falls silent for `peer_timeout_s` fails (`silent`). Chunks of a
+request id given up before its end (moved elsewhere, cancelled, timed out) are dropped (`moved`)."""
 
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import asyncio
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from edge_runtime.tracing import Trace
@@ -31,6 +40,9 @@ from .config import OffloadConfig
 from .metrics import MqttMetrics
 
 log = logging.getLogger("proxy.offload")
+
+MOVED_IDS = 1024  # ids of offloads given up before their end, remembered to tell their late chunks from strangers'
+HEARTBEATS_PER_TIMEOUT = 3  # a worker is asked for a heartbeat this many times per peer_timeout_s
 
 
 class Offloader:
@@ -47,20 +59,37 @@ class Offloader:
         self.reply_topic = topics.offload_reply(gateway_id)
         self.request_topic = topics.offload_request()
         self.cancel_topic = offload_cancel_topic(topics, gateway_id)
+        self.presence_topic = topics.offload_presence()
         self._inflight: dict[str, ReplyAssembler] = {}
+        self._moved: OrderedDict[str, None] = OrderedDict()
+        self._workers: dict[str, tuple[str, str]] = {}  # presence topic -> (state, worker id)
+        self.on_worker_online: Callable[[str], None] | None = None  # the router closes the cloud breaker sooner
+        self._leaving = False
 
     def start(self) -> list[asyncio.Future[int]]:
-        """Subscribe to the reply topic (now, and after every reconnect; the future resolves at
-        the broker's acknowledgement); fail offloads in flight when the connection drops."""
-        subscribed = [self.client.subscribe(self.reply_topic, self._on_reply, qos=1)]
+        """Subscribe to the reply topic and the workers' presence (now, and after every
+        reconnect; the futures resolve at the broker's acknowledgements); fail offloads in flight
+        when the connection drops."""
+        subscribed = [self.client.subscribe(self.reply_topic, self._on_reply, qos=1),
+                      self.client.subscribe(self.presence_topic, self._on_presence, qos=1)]
         self.client.on_disconnect(self._on_broker_lost)
         return subscribed
 
     @property
     def available(self) -> bool:
         """Can a request be offloaded now? (broker connected, room for one more)"""
-        return ((self.key is not None or self._bare_allowed) and self.client.connected
+        return ((self.key is not None or self._bare_allowed) and self.client.connected and not self._leaving
                 and len(self._inflight) < self.config.max_in_flight)
+
+    @property
+    def workers(self) -> dict[str, str]:
+        """The workers known by their presence: worker id -> `online` or `draining`."""
+        return {worker: state for state, worker in self._workers.values()}
+
+    @property
+    def workers_online(self) -> int:
+        """Workers whose presence says `online` (retained: known from the first connect on)."""
+        return sum(state == protocol.ONLINE for state, _ in self._workers.values())
 
     @property
     def auth(self) -> str:
@@ -86,7 +115,7 @@ class Offloader:
         if self.metrics is not None:
             self.metrics.offloads_in_flight.set(len(self._inflight))
         v5 = self.client.protocol == "5"
-        extra = {"tools": tools, "grammar": grammar}
+        extra = {"tools": tools, "grammar": grammar, "heartbeat_s": self.heartbeat_s}
         if not v5:
             extra["trace"] = trace  # 3.1.1: the trace context rides in the payload
         try:
@@ -104,7 +133,8 @@ class Offloader:
             except MqttError as exc:  # QueueFull, MqttClosed
                 raise OffloadFailed("unavailable", f"the request could not be sent: {exc}") from None
             published.add_done_callback(lambda f: self._check_sent(f, assembler))
-            async for frame in assembler.frames(self.config.accept_timeout_s, self.config.idle_timeout_s):
+            async for frame in assembler.frames(self.config.accept_timeout_s, self.config.idle_timeout_s,
+                                                self.config.peer_timeout_s):
                 yield frame
         finally:
             self._inflight.pop(offload_id, None)
@@ -117,7 +147,21 @@ class Offloader:
                     log.warning("offload chunks from a worker that did not claim the request dropped",
                                 extra={"id": offload_id, "worker": assembler.worker, "dropped": assembler.strays})
             if not assembler.finished:
+                self._moved[offload_id] = None  # its late chunks are dropped as `moved`
+                if len(self._moved) > MOVED_IDS:
+                    self._moved.popitem(last=False)
                 self.cancel(offload_id)
+
+    @property
+    def heartbeat_s(self) -> float:
+        return max(protocol.MIN_HEARTBEAT_S, self.config.peer_timeout_s / HEARTBEATS_PER_TIMEOUT)
+
+    def leave(self) -> None:
+        """The gateway leaves the broker: offload nothing more, and fail what is in flight now
+        (its answer could not arrive), so that the router moves what has not started."""
+        self._leaving = True
+        for assembler in list(self._inflight.values()):
+            assembler.fail(OffloadFailed("lost", "the gateway is leaving the broker (shutting down)"))
 
     def cancel(self, offload_id: str) -> None:
         """Ask the worker serving `offload_id` to stop (best effort: its answer may still come)."""
@@ -154,11 +198,43 @@ class Offloader:
                 self.metrics.chunks_dropped.labels("malformed").inc()
             return
         assembler = self._inflight.get(request_id)
-        if assembler is None:  # finished, timed out, or another run of this gateway's
+        if assembler is None:  # finished, moved elsewhere, timed out, or another run of this gateway's
             if self.metrics is not None:
-                self.metrics.chunks_dropped.labels("unknown_request").inc()
+                self.metrics.chunks_dropped.labels("moved" if request_id in self._moved else "unknown_request").inc()
             return
         assembler.feed(seq, chunk)
+
+    def _on_presence(self, message: Message) -> None:
+        """A worker came, is draining, or is gone (its Will or its clean stop emptied the topic)."""
+        try:
+            state, worker = protocol.parse_presence(self.key, message.topic, message.payload)
+        except protocol.ProtocolError as exc:
+            log.warning("bad worker presence dropped", extra={"topic": message.topic, "error": str(exc)})
+            return
+        known = self._workers.get(message.topic)
+        if state != protocol.GONE:
+            self._workers[message.topic] = (state, worker)
+            if state == protocol.ONLINE and (known is None or known[0] != protocol.ONLINE):
+                log.info("cloud worker online", extra={"worker": worker})
+                if self.on_worker_online is not None:
+                    self.on_worker_online(worker)
+            return
+        self._workers.pop(message.topic, None)
+        if known is None:
+            return
+        self._worker_gone(known[1], known[0] == protocol.ONLINE, time.monotonic())
+
+    def _worker_gone(self, worker: str, was_taking: bool, now: float) -> None:
+        """Fail what the worker claimed and, when it was still taking requests (not draining),
+        what nobody claimed yet (it may have been delivered to that worker, which will never
+        answer): the router moves them elsewhere."""
+        moved = 0
+        for assembler in list(self._inflight.values()):
+            owner = assembler.owner
+            if owner == worker or (was_taking and owner is None and not assembler.finished and assembler.created_at <= now):
+                assembler.fail(OffloadFailed("worker_lost", f"the cloud worker {worker} is gone"))
+                moved += 1
+        log.warning("cloud worker gone", extra={"worker": worker, "offloads_failed": moved})
 
     def _check_sent(self, published: asyncio.Future[None], assembler: ReplyAssembler) -> None:
         if published.cancelled() or published.exception() is None:
@@ -166,6 +242,7 @@ class Offloader:
         assembler.fail(OffloadFailed("unavailable", f"the broker did not take the request: {published.exception()}"))
 
     def _on_broker_lost(self) -> None:
+        self._workers.clear()  # learnt again from the retained presence at the next connect
         if self._inflight:
             log.warning("broker connection lost with offloads in flight", extra={"in_flight": len(self._inflight)})
         for assembler in list(self._inflight.values()):

@@ -10,7 +10,13 @@ labs only) messages travel bare.
 
 The chunks carry the engine's own frames (docs/engine-protocol.md): token frames, then a done
 frame, or an error frame; so a gateway relays an offloaded answer through the very code that
-relays a local one. Chunk 0 is `accepted` (a worker took the request)."""
+relays a local one. Chunk 0 is `accepted` (a worker took the request). A request that asks for
+them (`heartbeat_s`) gets `heartbeat` chunks while the worker computes without sending anything
+else, so that a gateway tells a hung worker from a slow answer in about a second.
+
+Workers announce themselves on `{prefix}/offload/worker/{client id}` (retained, sealed
+`{"state": "online" | "draining", ...}`); their Last Will empties that topic, so that a worker
+that dies is known to be gone as soon as the broker notices (presence_payload, parse_presence)."""
 
 from __future__ import annotations
 
@@ -30,10 +36,12 @@ from edge_wire.validation import explain
 
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
-ACCEPTED, TOKEN, DONE, ERROR = "accepted", "token", "done", "error"
+ACCEPTED, TOKEN, DONE, ERROR, HEARTBEAT = "accepted", "token", "done", "error", "heartbeat"
 TERMINAL = frozenset({DONE, ERROR})
 MAX_ID_CHARS = 160
 EXPIRED = "expired"  # error code: the request's deadline passed before a worker could start it
+ONLINE, DRAINING, GONE = "online", "draining", "gone"  # a worker's presence (gone: the topic emptied)
+MIN_HEARTBEAT_S, MAX_HEARTBEAT_S = 0.05, 60.0
 _ID_PATTERN = r"^[A-Za-z0-9._:\-]{1,160}\Z"  # \Z: Python's $ would let a trailing newline through
 _ID = re.compile(_ID_PATTERN).match
 _PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
@@ -125,6 +133,7 @@ class OffloadRequest(msgspec.Struct, kw_only=True):
     tools: Optional[list[dict[str, Any]]] = None  # the engine's to check
     grammar: Optional[dict[str, Any]] = None
     trace: Optional[dict[str, str]] = None
+    heartbeat_s: Optional[Annotated[float, Meta(ge=MIN_HEARTBEAT_S, le=MAX_HEARTBEAT_S)]] = None  # send heartbeats this often
 
     def __post_init__(self) -> None:
         if sum(p is not None for p in (self.prompt, self.messages, self.prompt_ids)) != 1:
@@ -156,8 +165,18 @@ def encode_chunk(request_id: str, seq: int, frame: dict[str, Any], worker: str |
     return msgpack.packb(chunk, use_bin_type=True)
 
 
-def accepted_chunk(request_id: str, worker: str) -> bytes:
-    return encode_chunk(request_id, 0, {"type": ACCEPTED}, worker)
+def accepted_chunk(request_id: str, worker: str, heartbeat_s: float | None = None) -> bytes:
+    """Chunk 0; with `heartbeat_s`, the worker promises a chunk (a heartbeat at least) that often."""
+    frame: dict[str, Any] = {"type": ACCEPTED}
+    if heartbeat_s is not None:
+        frame["heartbeat_s"] = heartbeat_s
+    return encode_chunk(request_id, 0, frame, worker)
+
+
+def heartbeat_chunk(request_id: str, last_seq: int, worker: str) -> bytes:
+    """`still computing`: its `seq` is the last chunk sent before it (a heartbeat takes no number
+    of its own), so that a gateway missing that chunk knows it was lost."""
+    return encode_chunk(request_id, last_seq, {"type": HEARTBEAT}, worker)
 
 
 def error_frame(code: str, message: str, param: str | None = None, estimated_wait_s: float | None = None) -> dict[str, Any]:
@@ -175,7 +194,7 @@ def parse_chunk(obj: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
         raise ProtocolError("id: missing or malformed")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
         raise ProtocolError("seq: must be a non-negative integer")
-    if kind not in (ACCEPTED, TOKEN, DONE, ERROR):
+    if kind not in (ACCEPTED, TOKEN, DONE, ERROR, HEARTBEAT):
         raise ProtocolError(f"type: unknown {kind!r}")
     if kind == TOKEN and not isinstance(obj.get("text"), str):
         raise ProtocolError("token: text must be a string")
@@ -184,3 +203,23 @@ def parse_chunk(obj: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
 
 def encode_cancel(request_id: str, gateway: str) -> bytes:
     return msgpack.packb({"id": request_id, "gateway": gateway}, use_bin_type=True)
+
+
+def presence_payload(state: str, worker: str, heartbeat_s: float | None = None, now: float | None = None) -> bytes:
+    """A worker's presence (`online`, `draining`); `gone` is an empty retained payload instead."""
+    body: dict[str, Any] = {"v": VERSION, "state": state, "worker": worker, "ts": time.time() if now is None else now}
+    if heartbeat_s is not None:
+        body["heartbeat_s"] = heartbeat_s
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def parse_presence(key: bytes | None, topic: str, data: bytes) -> tuple[str, str | None]:
+    """(state, worker id) of a presence message: (GONE, None) for the empty payload of a Will or
+    a clean stop; Unauthenticated / ProtocolError for anything else that is not a presence."""
+    if not data:
+        return GONE, None
+    obj = unseal(key, topic, data)
+    state, worker = obj.get("state"), obj.get("worker")
+    if state not in (ONLINE, DRAINING) or not valid_id(worker):
+        raise ProtocolError("presence: state must be online or draining, worker a valid id")
+    return state, worker

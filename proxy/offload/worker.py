@@ -10,7 +10,14 @@ are refused `busy`, so that the gateway serves them some other way.
 With the fleet's offload secret (protocol.seal) a request, or a cancel, that is not sealed with
 it is dropped unanswered. The answer goes only to `{prefix}/{gw}/offload/reply` of the gateway
 the request names (a reply topic naming any other is refused: a request cannot make a worker
-publish elsewhere), and only a cancel on that gateway's own cancel topic stops it."""
+publish elsewhere), and only a cancel on that gateway's own cancel topic stops it.
+
+Liveness (docs/reliability.md): the worker keeps a retained presence on
+`{prefix}/offload/worker/{name}` (its MQTT user name, else its client id; `online`, then
+`draining` when it stops) whose Last Will
+empties it, so that gateways fail over its requests as soon as the broker notices it is gone; a
+request that asks for heartbeats gets one whenever nothing else was sent for `heartbeat_s`. A
+request id is served once: a redelivery of one served or being served is ignored."""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import json
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -33,7 +41,7 @@ from edge_wire.settings import ConfigError
 
 from ..core.engine_link import EngineLink
 from ..core.errors import ApiError
-from ..mqtt import Message, MessageProperties, MqttClient, MqttError, QueueFull, Topics
+from ..mqtt import Message, MessageProperties, MqttClient, MqttError, OutMessage, QueueFull, Topics
 from ..mqtt import trace as trace_mqtt
 from ..mqtt.topics import check_name
 from . import protocol
@@ -45,6 +53,7 @@ log = logging.getLogger("proxy.cloud")
 
 DEFAULT_TIMEOUT_S = 120.0  # a request that names no deadline at all
 UNAVAILABLE = "unavailable"
+SEEN_IDS = 8192  # request ids remembered (served or serving) so that none is run twice
 
 
 class Backend(Protocol):
@@ -163,8 +172,11 @@ class UpstreamBackend:
 
 class CloudWorker:
     def __init__(self, client: MqttClient, topics: Topics, config: CloudConfig, backend: Backend,
-                 metrics: MqttMetrics | None = None, worker_id: str | None = None, key: bytes | None = None) -> None:
-        """`key`: the offload secret (None: bare messages, only with `allow_unauthenticated`)."""
+                 metrics: MqttMetrics | None = None, worker_id: str | None = None, key: bytes | None = None,
+                 presence_name: str | None = None) -> None:
+        """`key`: the offload secret (None: bare messages, only with `allow_unauthenticated`);
+        `presence_name`: its presence topic's last level (default the client id; its MQTT user
+        name where it has one, which is what a broker ACL knows it by)."""
         self.client = client
         self.topics = topics
         self.config = config
@@ -173,8 +185,14 @@ class CloudWorker:
         self.key = key
         self.worker_id = worker_id or f"{socket.gethostname()}-{client.client_id}"
         self.subscription = topics.offload_request(config.share_group)
+        self.presence_topic = topics.offload_presence(presence_name or client.client_id)
         self._active: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> (its gateway, its task)
+        self._seen: OrderedDict[str, float] = OrderedDict()  # request id -> its deadline (monotonic), oldest first
+        self._state = protocol.ONLINE
         self.served = 0
+        # The broker empties the presence topic when this worker's connection dies.
+        client.will = OutMessage(self.presence_topic, b"", qos=1, retain=True)
+        client.on_connect(self._announce)
 
     def start(self) -> list[asyncio.Future[int]]:
         """Subscribe; the futures resolve at the broker's acknowledgements."""
@@ -184,8 +202,13 @@ class CloudWorker:
         return subscribed
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        """Take no more requests; let those being served finish within `grace_s`, then cancel
-        the rest (their gateways get a `cancelled` ending)."""
+        """Say `draining`, take no more requests; let those being served finish within
+        `grace_s`, then cancel the rest (their gateways get a `cancelled` ending). From here a
+        lost connection is final: a successor with the same client id is not fought."""
+        self._state = protocol.DRAINING
+        self.client.reconnect = False
+        if self.client.connected:
+            self._announce()
         self.client.unsubscribe(self.subscription)
         tasks = [task for _, task in self._active.values()]
         if tasks and grace_s > 0:
@@ -194,6 +217,15 @@ class CloudWorker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.backend.close()
+
+    def farewell(self) -> list[OutMessage]:
+        """The last word at a clean stop: the presence topic emptied (gone), as the Will would."""
+        return [OutMessage(self.presence_topic, b"", qos=1, retain=True)]
+
+    def _announce(self) -> None:
+        payload = protocol.presence_payload(self._state, self.worker_id)
+        with contextlib.suppress(MqttError):
+            self.client.publish(self.presence_topic, protocol.seal(self.key, self.presence_topic, payload), qos=1, retain=True)
 
     @property
     def active(self) -> int:
@@ -229,13 +261,14 @@ class CloudWorker:
         if remaining <= 0:
             self._refuse(reply_to, request_id, "expired", protocol.EXPIRED, "the request's deadline passed before a worker took it")
             return
-        if request_id in self._active:
-            return  # a redelivery (QoS 1) of a request being served
+        if request_id in self._active or request_id in self._seen:
+            return  # a redelivery (QoS 1) of a request served or being served: never run twice
         if len(self._active) >= self.config.max_concurrent:
             self._refuse(reply_to, request_id, "busy", BUSY, f"the cloud worker is serving {len(self._active)} requests",
                          estimated_wait_s=1.0)
             return
         trace = trace_mqtt.from_message(props.user_properties, raw)
+        self._remember(request_id, remaining)
         task = asyncio.get_running_loop().create_task(self._serve(request, request_id, reply_to, remaining, trace))
         self._active[request_id] = (gateway, task)
         if self.metrics is not None:
@@ -258,33 +291,48 @@ class CloudWorker:
             return
         active[1].cancel()
 
+    def _remember(self, request_id: str, remaining_s: float) -> None:
+        """Note a request id taken, until its deadline (a redelivery after that is refused `expired`)."""
+        now = time.monotonic()
+        while self._seen and (len(self._seen) >= SEEN_IDS or next(iter(self._seen.values())) < now):
+            self._seen.popitem(last=False)
+        self._seen[request_id] = now + remaining_s + 1.0
+
     async def _serve(self, request: protocol.OffloadRequest, request_id: str, reply_to: str, timeout_s: float,
                      trace: dict[str, str] | None) -> None:
-        seq = itertools.count(1)
+        numbers = itertools.count(1)
+        sent = _Sent()
+
         outcome = "failed"
+        beat = None
         try:
-            self._publish(reply_to, request_id, protocol.accepted_chunk(request_id, self.worker_id))
+            self._publish(reply_to, request_id, protocol.accepted_chunk(request_id, self.worker_id, request.heartbeat_s))
+            sent.at = time.monotonic()
+            if request.heartbeat_s is not None:
+                beat = asyncio.get_running_loop().create_task(self._heartbeats(reply_to, request_id, request.heartbeat_s, sent))
             async with asyncio.timeout(timeout_s + 1.0):
                 async with contextlib.aclosing(self.backend.generate(request, request_id, timeout_s, trace)) as frames:
                     async for frame in frames:
-                        await self._send(reply_to, request_id, protocol.encode_chunk(request_id, next(seq), frame, self.worker_id))
+                        number = next(numbers)
+                        await self._send(reply_to, request_id, protocol.encode_chunk(request_id, number, frame, self.worker_id))
+                        sent.seq, sent.at = number, time.monotonic()  # (once queued: a heartbeat names only chunks sent)
                         if frame.get("type") == protocol.DONE:
                             outcome = "served"
                             return
                         if frame.get("type") == protocol.ERROR:
                             return
             self._publish(reply_to, request_id, protocol.encode_chunk(
-                request_id, next(seq), protocol.error_frame(INTERNAL, "the answer ended without a done frame"), self.worker_id))
+                request_id, next(numbers), protocol.error_frame(INTERNAL, "the answer ended without a done frame"), self.worker_id))
         except asyncio.CancelledError:  # the gateway cancelled it, or this worker is stopping
             outcome = "cancelled"
             with contextlib.suppress(MqttError):
-                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(seq), {
+                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(numbers), {
                     "type": "done", "finish_reason": "cancelled",
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, self.worker_id))
             raise
         except TimeoutError:
             with contextlib.suppress(MqttError):
-                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(seq), {
+                self._publish(reply_to, request_id, protocol.encode_chunk(request_id, next(numbers), {
                     "type": "done", "finish_reason": "deadline",
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}, self.worker_id))
         except MqttError as exc:  # the queue to the broker is full, or the client stopped
@@ -293,11 +341,24 @@ class CloudWorker:
             log.exception("offload request failed", extra={"id": request_id})
             with contextlib.suppress(MqttError):
                 self._publish(reply_to, request_id, protocol.encode_chunk(
-                    request_id, next(seq), protocol.error_frame(INTERNAL, "the cloud worker failed"), self.worker_id))
+                    request_id, next(numbers), protocol.error_frame(INTERNAL, "the cloud worker failed"), self.worker_id))
         finally:
+            if beat is not None:
+                beat.cancel()
             self._count(outcome)
             if outcome == "served":
                 self.served += 1
+
+    async def _heartbeats(self, reply_to: str, request_id: str, every_s: float, sent: _Sent) -> None:
+        """A heartbeat whenever nothing was sent for `every_s` (tokens are heartbeats enough)."""
+        while True:
+            wait = sent.at + every_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            with contextlib.suppress(MqttError):
+                self._publish(reply_to, request_id, protocol.heartbeat_chunk(request_id, sent.seq, self.worker_id))
+            sent.at = time.monotonic()
 
     def _finished(self, request_id: str) -> None:
         self._active.pop(request_id, None)
@@ -355,6 +416,13 @@ class CloudWorker:
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.cloud_requests.labels(outcome).inc()
+
+
+class _Sent:
+    """The last chunk sent for one request: its number, and when (monotonic)."""
+
+    seq = 0
+    at = 0.0
 
 
 def _text_id(data: bytes | None) -> str | None:
