@@ -155,12 +155,14 @@ def _stop(children: dict[str, subprocess.Popen], timeout_s: float) -> bool:
             child.send_signal(signal.SIGTERM)
     end = time.monotonic() + timeout_s
     clean = True
-    for child in children.values():
+    for name, child in children.items():
         try:
             code = child.wait(max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             code = child.wait()
+        if code != 0:
+            print(f"edge-runtime: error: the {name} exited with status {code} while stopping", file=sys.stderr)
         clean = clean and code == 0
     return clean
 
