@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from prometheus_client import Histogram
+
 from edge_runtime.client import EngineError
 
 from .. import spans
@@ -28,7 +30,7 @@ from .cache import CachedResult, ResponseCache, cache_key
 from .engine_link import EngineLink
 from .errors import SERVER, ApiError, from_engine, invalid, unavailable, unsupported
 from .request import Caller, CompletionRequest
-from .router import CACHE, Router
+from .router import CACHE, LOCAL, Router
 
 TIMEOUT_MARGIN_S = 2.0  # past the engine's own deadline, the sidecar stops waiting for it
 CACHEABLE = frozenset({"stop", "length"})
@@ -120,8 +122,10 @@ class CompletionService:
             async with contextlib.aclosing(route.frames) as frames:
                 first = await self._first(frames, req, deadline, caller)
                 answer = Answer(safety, req.logprobs)
+                # Token intervals are the engine's only on the local route (the cloud's arrive in batches).
+                tpot = self.metrics.tpot if route.served_by == LOCAL else None
                 yield Completion(self, req, caller, model, self._answer(frames, first, deadline, answer, route.cancel, req,
-                                                                        key, caller))
+                                                                        key, caller, tpot))
 
     # -- the engine's answer ----------------------------------------------------------------
 
@@ -137,15 +141,17 @@ class CompletionService:
         except UnicodeEncodeError:
             raise _bad_unicode() from None
         if frame["type"] == "token":
-            self.metrics.ttft.observe(time.perf_counter() - caller.start)
+            self.metrics.first_token(time.perf_counter() - caller.start)
         else:
             self._check_done(frame)
         return frame
 
     async def _answer(self, frames: AsyncIterator[dict[str, Any]], frame: dict[str, Any], deadline: float, answer: Answer,
-                      cancel: Cancel, req: CompletionRequest, key: bytes | None, caller: Caller) -> AsyncIterator[Event]:
+                      cancel: Cancel, req: CompletionRequest, key: bytes | None, caller: Caller,
+                      tpot: Histogram | None) -> AsyncIterator[Event]:
         try:
             async with asyncio.timeout_at(deadline):
+                last = time.perf_counter()
                 while frame["type"] == "token":
                     for event in _released(answer.token(frame), answer):
                         yield event
@@ -153,7 +159,11 @@ class CompletionService:
                         frame = await _drain(frames, cancel)
                         break
                     frame = await anext(frames)
-                for event in _released(answer.end(), None):
+                    if tpot is not None and frame["type"] == "token":
+                        now = time.perf_counter()
+                        tpot.observe(now - last)
+                        last = now
+                for event in _released(answer.end(frame.get("finish_reason")), None):
                     yield event
         except EngineError as exc:
             raise from_engine(exc, req.prompt_field) from None
@@ -167,15 +177,19 @@ class CompletionService:
         the client sees (content_filter when the safety filter ended it); raises the ApiError of
         endings that are failures."""
         usage = done.get("usage") or _NO_USAGE
-        self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
-        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        self.metrics.count_tokens(usage)
         caller.limiter.charge_tokens(caller.client, usage.get("total_tokens", 0))
         spans.note_usage(usage)
+        for why, n in answer.tools.dropped.items():
+            self.metrics.tool_calls_dropped.labels(why).inc(n)
         logprobs = tuple(answer.logprobs) if answer.logprobs is not None else None
+        seconds = time.perf_counter() - caller.start
         if answer.blocked is not None:
+            self.metrics.finished(CONTENT_FILTER, usage, done.get("timings"), seconds)
             return Done(CONTENT_FILTER, usage, answer.text, answer.tools.calls, logprobs)
         self._check_done(done)
         reason = done["finish_reason"]
+        self.metrics.finished(reason, usage, done.get("timings"), seconds)
         if key is not None and self.cache is not None and reason in CACHEABLE:  # as generated: replays are screened anew
             self.cache.put(key, CachedResult("".join(answer.raw), reason, usage, logprobs))
         return Done(reason, usage, answer.text, answer.tools.calls, logprobs)

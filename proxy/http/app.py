@@ -167,19 +167,32 @@ class Sidecar:
         return web.Response(body=_HEALTHY, content_type=JSON_CONTENT)
 
     async def readyz(self, request: web.Request) -> web.Response:
+        ready = await self._readiness()
+        return _json(ready) if ready["status"] == "ready" else _json(ready, 503, _READY_RETRY_AFTER)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """/health as vLLM, TGI and llama.cpp's server answer it: 200 while requests can be
+        served (the same test as /readyz), else 503 with the reason."""
+        ready = await self._readiness()
+        if ready["status"] == "ready":
+            return web.Response(body=_HEALTHY, content_type=JSON_CONTENT)
+        return _json(ready, 503, _READY_RETRY_AFTER)
+
+    async def _readiness(self) -> dict[str, Any]:
+        """/readyz's body: status "ready" (with the model or the cloud route) or "unavailable" with the reason."""
         status = await self.link.status()
         self.metrics.set_engine_status(status)
         if (status is None or status.get("shutting_down")) and self.parts.router.cloud_serving:
-            return _json({"status": "ready", "route": "cloud"})  # the engine is down: requests are offloaded
+            return {"status": "ready", "route": "cloud"}  # the engine is down: requests are offloaded
         if status is None:
-            return _json({"status": "unavailable", "reason": "the engine is unreachable"}, 503, _READY_RETRY_AFTER)
+            return {"status": "unavailable", "reason": "the engine is unreachable"}
         if status.get("shutting_down"):
-            return _json({"status": "unavailable", "reason": "the engine is shutting down"}, 503, _READY_RETRY_AFTER)
+            return {"status": "unavailable", "reason": "the engine is shutting down"}
         model = status.get("model") or {}
         if not model.get("id"):
-            return _json({"status": "unavailable", "reason": "the engine has no model loaded"}, 503, _READY_RETRY_AFTER)
-        return _json({"status": "ready", "model": model["id"], "queue_depth": status.get("queue_depth", 0),
-                      "running": status.get("running", 0)})
+            return {"status": "unavailable", "reason": "the engine has no model loaded"}
+        return {"status": "ready", "model": model["id"], "queue_depth": status.get("queue_depth", 0),
+                "running": status.get("running", 0)}
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         self.metrics.set_engine_status(await self.link.status(timeout_s=0.5))
@@ -250,6 +263,7 @@ def build_app(config: ProxyConfig, parts: Parts | None = None) -> web.Applicatio
     app.router.add_get("/v1/models/{model}", sidecar.model)
     app.router.add_get("/healthz", sidecar.healthz)
     app.router.add_get("/readyz", sidecar.readyz)
+    app.router.add_get("/health", sidecar.health)
     app.router.add_get("/metrics", sidecar.metrics_text)
     app.router.add_get("/openapi.json", sidecar.openapi_json)
     app.on_response_prepare.append(_stamp)
