@@ -121,11 +121,12 @@ class CompletionService:
                 raise _bad_unicode() from None
             async with contextlib.aclosing(route.frames) as frames:
                 first = await self._first(frames, req, deadline, caller)
+                first_at = time.perf_counter()
                 answer = Answer(safety, req.logprobs)
                 # Token intervals are the engine's only on the local route (the cloud's arrive in batches).
                 tpot = self.metrics.tpot if route.served_by == LOCAL else None
                 yield Completion(self, req, caller, model, self._answer(frames, first, deadline, answer, route.cancel, req,
-                                                                        key, caller, tpot))
+                                                                        key, caller, tpot, first_at))
 
     # -- the engine's answer ----------------------------------------------------------------
 
@@ -148,10 +149,10 @@ class CompletionService:
 
     async def _answer(self, frames: AsyncIterator[dict[str, Any]], frame: dict[str, Any], deadline: float, answer: Answer,
                       cancel: Cancel, req: CompletionRequest, key: bytes | None, caller: Caller,
-                      tpot: Histogram | None) -> AsyncIterator[Event]:
+                      tpot: Histogram | None, last: float) -> AsyncIterator[Event]:
+        """`last`: when `frame` arrived (the start of the first interval between tokens)."""
         try:
             async with asyncio.timeout_at(deadline):
-                last = time.perf_counter()
                 while frame["type"] == "token":
                     for event in _released(answer.token(frame), answer):
                         yield event
