@@ -133,6 +133,9 @@ def test_a_call_cut_off_by_max_tokens_is_not_returned(client, proxy):
             assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == \
                 [(call.function.name, call.function.arguments)]
     assert cut == list(range(1, cut[-1] + 1))
+    again = client.chat.completions.with_raw_response.create(**kw, max_tokens=cut[-1] + 1)
+    assert again.headers["x-served-by"] == "local"  # not replayed from the cache, which would lose the call
+    assert [c.function.arguments for c in again.parse().choices[0].message.tool_calls] == [call.function.arguments]
     chunks = list(client.chat.completions.create(**kw, max_tokens=cut[-1], stream=True))
     assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]

@@ -191,7 +191,9 @@ class CompletionService:
         self._check_done(done)
         reason = done["finish_reason"]
         self.metrics.finished(reason, usage, done.get("timings"), seconds)
-        if key is not None and self.cache is not None and reason in CACHEABLE:  # as generated: replays are screened anew
+        # As generated: replays are screened anew. A cut answer that holds complete tool calls is not
+        # cached: the cache keeps text, and a replay would drop the calls.
+        if key is not None and self.cache is not None and reason in CACHEABLE and not answer.tools.calls:
             self.cache.put(key, CachedResult("".join(answer.raw), reason, usage, logprobs))
         return Done(reason, usage, answer.text, answer.tools.calls, logprobs)
 
