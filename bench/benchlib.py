@@ -206,9 +206,15 @@ def write_results(path: Path, data: dict[str, object], markdown: str) -> None:
     data = {**data, "source": state}
     markdown = markdown.rstrip("\n") + "\n\n" + source_line(state) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown)
+    path.write_text(_portable(json.dumps(data, indent=2)) + "\n")
+    path.with_suffix(".md").write_text(_portable(markdown))
     print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def _portable(text: str) -> str:
+    """Paths as they read on any checkout: relative to the repository, `~` for the home
+    directory (a result names no machine's absolute paths)."""
+    return text.replace(str(BENCH_DIR.parent) + "/", "").replace(str(Path.home()) + "/", "~/")
 
 
 def report(path: Path | None, data: dict[str, object], markdown: str) -> None:

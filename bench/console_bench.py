@@ -300,7 +300,7 @@ def main() -> None:
     worst_cpu = max(ingest["cpu_share"], with_pages["cpu_share"])
     worst_rss = max(ingest["rss_mb_max"], with_pages["rss_mb_max"])
     verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-    md = [f"# Fleet console benchmark (issue 18)\n", f"Command: `{data['command']}`  ",
+    md = ["# Fleet console benchmark (issue 18)\n", f"Command: `{data['command']}`  ",
           f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} CPUs usable, {machine['mem_total_gib']} GiB, Python {machine['python']}; "
           f"load {machine['load_avg_1m_at_start']} at start (other work kept {machine['cpu_busy_at_start']:.0%} of the CPUs busy).\n",
           f"{args.gateways} simulated gateways (one process, one MQTT connection each) publish msgpack telemetry every {args.period:g} s "

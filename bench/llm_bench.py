@@ -4,7 +4,7 @@ subprocess (so peak RSS is per engine), in one run. Engines that are not install
 skipped with a message. See bench/README.md.
 
     python bench/llm_bench.py [--threads 2] [--prompt-tokens 128] [--gen-tokens 128]
-        [--ctx 2048] [--genai-python /work/genai-venv/bin/python] [--out bench/results/NAME.json]
+        [--ctx 2048] [--genai-python bench/.cache/genai-venv/bin/python] [--out bench/results/NAME.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from edge_runtime.builder.build import BuildOptions
 from edge_runtime.tokenizer import Tokenizer
 
 ENGINES_DIR = benchlib.BENCH_DIR / "engines"
-DEFAULT_GENAI_PYTHON = Path("/work/genai-venv/bin/python")
+DEFAULT_GENAI_PYTHON = benchlib.BENCH_DIR / ".cache" / "genai-venv" / "bin" / "python"  # git-ignored, beside the builds
 BASELINE = "llama.cpp"
 BUSY = 0.1  # share of the CPUs busy with other work above which timings are likely skewed
 BANDWIDTH_MIB = 1024

@@ -4,6 +4,7 @@ part of a stop string)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class Timings:
     ttft_s: float  # start of generate() to the first token sampled
     total_s: float
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    queue_s: float = 0.0  # start of generate() to a KV slot (the scheduler's queue)
 
 
 @dataclass
@@ -116,6 +118,8 @@ class SequenceStream:
         self._budget = min(params.max_tokens, max_context - len(prompt_ids))
         self.generated = 0
         self.ttft = 0.0
+        self.queue_s = 0.0  # time in the scheduler's queue, set when it leaves it (the single-sequence loop never queues)
+        self._call_log = _CallLog()
 
     def step(self, logits: np.ndarray) -> GenerationChunk:
         """Sample the next token from logits [vocab] (left unchanged); the chunk's
@@ -151,13 +155,15 @@ class SequenceStream:
         if self._tools is None:
             return GenerationChunk(token, text, logprob)
         content, deltas = self._tools.push(text)
+        if self._call_log.repeated(deltas, self._tools.calls):
+            return self._ended(token, content, logprob, "tool_calls", deltas)
         return GenerationChunk(token, content, logprob, tool_calls=deltas or None)
 
+    def dequeued(self) -> None:
+        """The sequence left the scheduler's queue (got its KV slot, or ended while waiting)."""
+        self.queue_s = time.perf_counter() - self.start
+
     def final(self, token: int, text: str, logprob: float | None, reason: str) -> GenerationChunk:
-        total = time.perf_counter() - self.start
-        n = self.generated
-        rate = (n - 1) / (total - self.ttft) if n > 1 and total > self.ttft else 0.0
-        usage = Usage(self.prompt_tokens, n)
         deltas: list[ToolCallDelta] = []
         if self._tools is not None and reason in ("stop", "length"):
             text, deltas = self._tools.push(text)
@@ -165,12 +171,50 @@ class SequenceStream:
             text, deltas = text + rest, deltas + more
             if reason == "stop" and self._tools.calls:
                 reason = "tool_calls"
-        return GenerationChunk(token, text, logprob, reason, usage, Timings(self.ttft, total, rate), deltas or None)
+        return self._ended(token, text, logprob, reason, deltas)
+
+    def _ended(self, token: int, text: str, logprob: float | None, reason: str, deltas: list[ToolCallDelta]) -> GenerationChunk:
+        total = time.perf_counter() - self.start
+        n = self.generated
+        rate = (n - 1) / (total - self.ttft) if n > 1 and total > self.ttft else 0.0
+        timings = Timings(self.ttft, total, rate, self.queue_s)
+        return GenerationChunk(token, text, logprob, reason, Usage(self.prompt_tokens, n), timings, deltas or None)
 
     def _drain(self) -> tuple[str, bool]:
         """Everything still held by the decoder and the stop matcher, at the end of output."""
         text, stopped = self._matcher.push(self._decoder.flush())
         return (text, True) if stopped else (text + self._matcher.flush(), False)
+
+
+class _CallLog:
+    """The tool calls of one answer as the parser finds them, to end the answer at the first exact
+    repeat of an earlier call (same name, equal arguments): a small model asked for parallel calls
+    otherwise tends to write the same call again until the limit (docs/tool-calling.md)."""
+
+    def __init__(self) -> None:
+        self._calls: list[list[str]] = []  # [name, arguments text] by index
+        self._checked = 0  # calls complete and compared so far
+
+    def repeated(self, deltas: list[ToolCallDelta], complete: int) -> bool:
+        """Take the parser's deltas and its count of complete calls; whether the call just
+        completed repeats an earlier one."""
+        for delta in deltas:
+            if delta.index == len(self._calls):
+                self._calls.append([delta.name or "", ""])
+            self._calls[delta.index][1] += delta.arguments
+        while self._checked < min(complete, len(self._calls)):
+            key = _call_key(self._calls[self._checked])
+            if key is not None and any(_call_key(c) == key for c in self._calls[: self._checked]):
+                return True
+            self._checked += 1
+        return False
+
+
+def _call_key(call: list[str]) -> tuple[str, str] | None:
+    try:
+        return call[0], json.dumps(json.loads(call[1]), sort_keys=True)
+    except ValueError:
+        return None
 
 
 def step_batch(streams: Sequence[SequenceStream], logits: np.ndarray) -> list[GenerationChunk]:

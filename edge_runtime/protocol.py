@@ -62,5 +62,6 @@ def done_frame(request_id: str, finish_reason: str, usage: Any, timings: Any) ->
             "ttft_s": timings.ttft_s if timings else 0.0,
             "total_s": timings.total_s if timings else 0.0,
             "decode_tokens_per_s": timings.decode_tokens_per_s if timings else 0.0,
+            "queue_s": timings.queue_s if timings else 0.0,
         },
     }

@@ -238,6 +238,7 @@ class Scheduler:
             seq = self._queue.popleft()
             seq.slot = self.backend.allocate()
             seq.admitted_at = seq.request.admitted_at = time.monotonic()
+            seq.stream.dequeued()
             seq.pending = np.asarray(seq.request.prompt_ids, dtype=np.int64)
             self._running.append(seq)
             admitted.append(seq)
@@ -306,6 +307,7 @@ class Scheduler:
     def _release(self, seq: _Sequence) -> None:
         if seq in self._queue:
             self._queue.remove(seq)
+            seq.stream.dequeued()
             return
         if seq in self._running:
             self._running.remove(seq)

@@ -466,11 +466,19 @@ def _toml(value: Any) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "example":
-        print("usage: python -m edge_wire.settings example FILE   (rewrites FILE, keeping its introduction)", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ("example", "reference"):
+        print("usage: python -m edge_wire.settings example FILE     (the example config.toml)\n"
+              "       python -m edge_wire.settings reference FILE   (the markdown reference, docs/configuration.md)\n"
+              "rewrites FILE, keeping its introduction", file=sys.stderr)
         return 2
     path = Path(argv[1])
-    path.write_text(example(intro_of(path.read_text(encoding="utf-8"))), encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    if argv[0] == "reference":
+        from .config_reference import intro_of as reference_intro, reference
+
+        path.write_text(reference(reference_intro(text)), encoding="utf-8")
+    else:
+        path.write_text(example(intro_of(text)), encoding="utf-8")
     return 0
 
 

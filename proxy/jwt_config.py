@@ -48,7 +48,7 @@ class KeySource(Table):
 
 
 class JwtConfig(Table):
-    """Accept JWT bearer tokens too (README.md, "JWT bearer tokens")."""
+    """Accept JWT bearer tokens too (docs/http-api.md, "Authentication")."""
 
     issuer: Annotated[Names, Meta(description="accepted `iss` values (a string or a list)", examples=["https://login.example.net"])]
     audience: Annotated[Names, Meta(description="the token's `aud` must name one of these", examples=[["edge-gateway"]])]

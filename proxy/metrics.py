@@ -1,14 +1,28 @@
-"""Prometheus metrics of one sidecar (its own registry, so tests can run several in a process)."""
+"""Prometheus metrics of one sidecar (its own registry, so tests can run several in a process).
+
+Two families (docs/operations-systemd.md, "Metrics", lists them all): `edge_proxy_*`, the sidecar's
+own (HTTP routes, cache, safety, offload, devices), and `edge_*` in the names and shapes of vLLM's
+`vllm:*` serving metrics (time to first token, time per output token, queue time, prompt and
+generation lengths, finish reasons, KV-cache usage), so that what a Prometheus user knows from an
+LLM server reads the same here. Engine-side figures come from the engine's done frames (queue
+time) and status frames (KV usage, running and waiting requests, read at each scrape)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# vLLM's buckets for time per output token, with three below 10 ms (a small model on a CPU decodes faster)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class Metrics:
@@ -41,7 +55,36 @@ class Metrics:
         self.engine_queue_depth = Gauge("edge_proxy_engine_queue_depth", "Requests waiting for a KV slot in the engine", registry=r)
         self.engine_running = Gauge("edge_proxy_engine_running", "Requests holding a KV slot in the engine", registry=r)
         self.engine_tokens_per_s = Gauge("edge_proxy_engine_tokens_per_second", "Engine throughput, recent window", registry=r)
+        self.tool_calls_dropped = Counter(
+            "edge_proxy_tool_calls_dropped", "Tool calls not returned: truncated (cut off by max_tokens), duplicate "
+            "(an exact repeat in the same answer) or invalid (arguments not a JSON object)", ["reason"], registry=r,
+        )
+        # vLLM's serving metrics, `vllm:` -> `edge_`
+        self.llm_ttft = Histogram("edge_time_to_first_token_seconds", "Time from request to the first token",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("edge_time_per_output_token_seconds",
+                              "Time between consecutive output tokens of a request (local engine)",
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("edge_e2e_request_latency_seconds", "Time from request to its last token, answers generated",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("edge_request_queue_time_seconds", "Time a request waited in the engine's queue "
+                                    "for a KV slot", buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("edge_request_prompt_tokens", "Prompt tokens of each request",
+                                               buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("edge_request_generation_tokens", "Generated tokens of each request",
+                                                   buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_success = Counter("edge_request_success", "Answers generated, by finish reason (stop, length, "
+                                       "tool_calls, content_filter)", ["finished_reason"], registry=r)
+        self.llm_prompt_tokens = Counter("edge_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.llm_generation_tokens = Counter("edge_generation_tokens", "Tokens generated", registry=r)
+        self.num_running = Gauge("edge_num_requests_running", "Requests holding a KV slot in the engine", registry=r)
+        self.num_waiting = Gauge("edge_num_requests_waiting", "Requests waiting for a KV slot in the engine", registry=r)
+        self.kv_usage = Gauge("edge_kv_cache_usage_perc", "KV-cache usage of the engine: tokens held over slots x "
+                              "context (0 to 1)", registry=r)
+        self._engine = _EngineStatus()
+        r.register(self._engine)
         self._request_children: dict[tuple[str, int], Any] = {}
+        self._finish_children: dict[str, Any] = {}
         self._latency_children: dict[str, Any] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -58,12 +101,73 @@ class Metrics:
     def safety_event(self, direction: str, category: str, action: str) -> None:
         self.safety_events.labels(direction, category, action).inc()
 
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.llm_ttft.observe(seconds)
+
+    def count_tokens(self, usage: dict[str, int]) -> None:
+        """The tokens of a request that reached the engine (or the cloud), answered or not."""
+        prompt, generated = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        self.prompt_tokens.inc(prompt)
+        self.completion_tokens.inc(generated)
+        self.llm_prompt_tokens.inc(prompt)
+        self.llm_generation_tokens.inc(generated)
+
+    def finished(self, finish_reason: str, usage: dict[str, int], timings: dict[str, Any] | None, seconds: float) -> None:
+        """An answer generated (not replayed from the cache): its length, finish reason, queue
+        time (when the engine's done frame says it) and end-to-end latency."""
+        self.request_prompt_tokens.observe(usage.get("prompt_tokens", 0))
+        self.request_generation_tokens.observe(usage.get("completion_tokens", 0))
+        child = self._finish_children.get(finish_reason)
+        if child is None:
+            child = self._finish_children[finish_reason] = self.request_success.labels(finish_reason)
+        child.inc()
+        queue = (timings or {}).get("queue_s")
+        if isinstance(queue, (int, float)):
+            self.queue_time.observe(queue)
+        self.e2e.observe(seconds)
+
     def set_engine_status(self, status: dict[str, Any] | None) -> None:
         self.engine_up.set(1 if status is not None else 0)
         if status is not None:
             self.engine_queue_depth.set(status.get("queue_depth", 0))
             self.engine_running.set(status.get("running", 0))
             self.engine_tokens_per_s.set(status.get("tokens_per_s", 0.0))
+            self.num_waiting.set(status.get("queue_depth", 0))
+            self.num_running.set(status.get("running", 0))
+            self.kv_usage.set(_kv_usage(status.get("kv")))
+        self._engine.status = status
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _kv_usage(kv: Any) -> float:
+    """The share of the engine's KV capacity (every slot filled to the context) holding tokens."""
+    if not isinstance(kv, dict):
+        return 0.0
+    capacity = kv.get("slots", 0) * kv.get("max_context", 0)
+    return min(1.0, kv.get("tokens_used", 0) / capacity) if capacity > 0 else 0.0
+
+
+class _EngineStatus(Collector):
+    """The engine's own running totals (prefix cache, KV bytes), as its last status frame gave
+    them: counters that restart from zero with the engine, which rate() handles."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status or {}
+        cache = status.get("prefix_cache") or {}
+        kv = status.get("kv") or {}
+        for name, key, text in (("edge_prefix_cache_hits", "hits", "Prompt prefix lookups that found cached KV blocks"),
+                                ("edge_prefix_cache_misses", "misses", "Prompt prefix lookups that found none"),
+                                ("edge_prefix_cache_tokens_saved", "tokens_saved", "Prompt tokens not prefilled: taken "
+                                 "from the prefix cache")):
+            yield CounterMetricFamily(name, text, value=cache.get(key, 0))
+        kv_bytes = GaugeMetricFamily("edge_kv_cache_bytes", "KV-cache memory of the engine: allocated, and holding tokens",
+                                     labels=["state"])
+        kv_bytes.add_metric(["allocated"], kv.get("bytes_allocated", 0))
+        kv_bytes.add_metric(["used"], kv.get("bytes_used", 0))
+        yield kv_bytes

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 from msgspec import Meta
 
-from edge_wire import settings
+from edge_wire import config_reference, settings
 from edge_wire.settings import Check, ConfigError, FromTable, Table, arms, hints, load_table, meta, split
 from proxy.auth.keys import hash_key
 from proxy.config import ProxyConfig, proxy_config_from
@@ -25,6 +25,7 @@ from proxy.mqtt import mqtt_config_from
 from proxy.offload import DevicesConfig, OffloadConfig, cloud_config_from
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "config.toml"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 _BOUNDS = ("gt", "ge", "lt", "le", "min_length", "max_length", "pattern")
 
 
@@ -212,3 +213,22 @@ def test_example_config_is_generated_from_the_models():
     for model in config_models():  # nested tables too: as keys, or as the headers of their tables
         for key in settings.table_keys(model):
             assert re.search(rf"\n#( |   ){key} = |\.{key}(\.NAME)?\]", text), f"{model.__name__}.{key}"
+
+
+def test_configuration_reference_is_generated_from_the_models():
+    text = REFERENCE.read_text(encoding="utf-8")
+    assert text == config_reference.reference(config_reference.intro_of(text)), (
+        "docs/configuration.md is out of date: run python -m edge_wire.settings reference docs/configuration.md")
+    for name, _ in settings.EXAMPLE_TABLES:
+        assert f"\n## `[{name}]`\n" in text
+    for model in config_models():  # every key of every table, nested ones included
+        for key in settings.table_keys(model):
+            assert f"| `{key}` |" in text or re.search(rf"\.{key}(\.NAME)?\]+`", text), f"{model.__name__}.{key}"
+
+
+def test_the_settings_command_writes_the_reference(tmp_path):
+    page = tmp_path / "configuration.md"
+    page.write_text("# Intro\n\nkept\n\n## `[engine]`\n\nstale\n", encoding="utf-8")
+    assert settings.main(["reference", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("# Intro\n\nkept\n\n## `[engine]`\n") and "stale" not in text and "| `max_batch` |" in text

@@ -15,7 +15,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from edge_wire.settings import ConfigError
-from edgectl.console import api
 from edgectl.console.auth import CSRF_HEADER, SESSION_COOKIE, Access
 from edgectl.console.config import ConsoleConfig
 from edgectl.console.health import flags

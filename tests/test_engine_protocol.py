@@ -130,7 +130,7 @@ def test_frame_id_echoes_only_valid_ids():
 def test_done_frame_fields():
     from edge_runtime.generate import Timings, Usage
 
-    frame = protocol.done_frame("r", "stop", Usage(3, 4), Timings(0.1, 0.5, 7.5))
+    frame = protocol.done_frame("r", "stop", Usage(3, 4), Timings(0.1, 0.5, 7.5, 0.02))
     assert frame["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-    assert frame["timings"] == {"ttft_s": 0.1, "total_s": 0.5, "decode_tokens_per_s": 7.5}
+    assert frame["timings"] == {"ttft_s": 0.1, "total_s": 0.5, "decode_tokens_per_s": 7.5, "queue_s": 0.02}
     assert protocol.done_frame("r", "cancelled", None, None)["usage"]["total_tokens"] == 0

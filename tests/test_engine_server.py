@@ -141,7 +141,8 @@ def test_generate_streams_tokens_then_done_equal_to_direct_generation(engine, mo
         *tokens, done = frames
         assert done["type"] == "done" and done["finish_reason"] == chunks[-1].finish_reason
         assert done["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(chunks), "total_tokens": len(ids) + len(chunks)}
-        assert set(done["timings"]) == {"ttft_s", "total_s", "decode_tokens_per_s"}
+        assert set(done["timings"]) == {"ttft_s", "total_s", "decode_tokens_per_s", "queue_s"}
+        assert 0 <= done["timings"]["queue_s"] <= done["timings"]["ttft_s"] <= done["timings"]["total_s"]
         assert all(f["type"] == "token" and isinstance(f["logprob"], float) for f in tokens)
         assert _text(frames) == "".join(c.text for c in chunks)
         assert [f["token_id"] for f in tokens] == [c.token_id for c in chunks][: len(tokens)]

@@ -94,7 +94,7 @@ def test_example_config_lists_every_key_with_valid_values(tmp_path):
     for table, cls in tables.items():
         body = re.search(rf"(?ms)^\[{table}\]\n(.*?)(?=^\[|\Z)", uncommented).group(1)
         listed = set(re.findall(r"^(\w+) = ", body, re.M))
-        # keys whose values are tables of their own ([proxy.jwt], ...) are documented in the README
+        # keys whose values are tables of their own ([proxy.jwt], ...) are documented in docs/configuration.md
         keys = {f.name for f in msgspec.structs.fields(cls) if not _takes_a_table(f)}
         assert listed == keys, f"[{table}] in systemd/config.toml: missing {keys - listed}, unknown {listed - keys}"
 

@@ -1,6 +1,6 @@
 """One answer as the engine streams it: content text and tool-call arguments passed through the
 safety filter's output guards (so a blocked phrase split across frames is never released),
-tool calls gathered into OpenAI's shape, logprobs kept. Shared by plain and streamed answers."""
+tool calls gathered into OpenAI's shape (complete calls only: proxy/core/tool_calls.py), logprobs kept. Shared by plain and streamed answers."""
 
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ class Answer:
             out.tool_calls = self.tools.add([self._filtered(d) for d in deltas])
         return out
 
-    def end(self) -> Released:
-        """What the guards still hold once the engine's answer is complete."""
+    def end(self, finish_reason: str | None) -> Released:
+        """What the guards still hold once the engine's answer is complete (`finish_reason` is the
+        engine's; None when the answer ended another way): the calls it completes; calls still
+        open are dropped."""
         out = Released()
         if self.blocked is not None:
             return out
@@ -62,6 +64,7 @@ class Answer:
             self._note(guard)
             if rest:
                 out.tool_calls += self.tools.add([{"index": index, "arguments": rest}])
+        self.tools.end(finish_reason or "")
         return out
 
     def _content(self, text: str) -> str:

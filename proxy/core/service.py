@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+
 from edge_runtime.client import EngineError
 
 from .. import spans
@@ -34,7 +35,7 @@ from .cache import CachedResult, ResponseCache, cache_key
 from .engine_link import EngineLink
 from .errors import SERVER, ApiError, from_engine, invalid, unavailable, unsupported
 from .request import Caller, CompletionRequest
-from .router import CACHE, PathLost, Route, Router
+from .router import CACHE, LOCAL, PathLost, Route, Router
 
 log = logging.getLogger("proxy.service")
 
@@ -128,7 +129,8 @@ class CompletionService:
             attempt = _Attempt(route, request_id, trace, deadline)
             try:
                 first = await self._first_moving(attempt, req, caller)
-                yield Completion(self, req, caller, model, self._answer(attempt, first, safety, req, key, caller))
+                first_at = time.perf_counter()
+                yield Completion(self, req, caller, model, self._answer(attempt, first, safety, req, key, caller, first_at))
             finally:
                 await attempt.close()
 
@@ -175,16 +177,19 @@ class CompletionService:
         except UnicodeEncodeError:
             raise _bad_unicode() from None
         if frame["type"] == "token":
-            self.metrics.ttft.observe(time.perf_counter() - caller.start)
+            self.metrics.first_token(time.perf_counter() - caller.start)
         else:
             self._check_done(frame)
         return frame
 
     async def _answer(self, attempt: _Attempt, frame: dict[str, Any], safety: SafetyFilter, req: CompletionRequest,
-                      key: bytes | None, caller: Caller) -> AsyncIterator[Event]:
+                      key: bytes | None, caller: Caller, last: float) -> AsyncIterator[Event]:
+        """`last`: when `frame` arrived (the start of the first interval between tokens)."""
         answer = Answer(safety, req.logprobs)
         while True:
             try:
+                # Token intervals are the engine's only on the local route (the cloud's arrive in batches).
+                tpot = self.metrics.tpot if attempt.route.served_by == LOCAL else None
                 async with asyncio.timeout_at(attempt.deadline):
                     while frame["type"] == "token":
                         for event in _released(answer.token(frame), answer):
@@ -193,7 +198,11 @@ class CompletionService:
                             frame = await _drain(attempt.route.frames, attempt.route.cancel)
                             break
                         frame = await anext(attempt.route.frames)
-                    for event in _released(answer.end(), None):
+                        if tpot is not None and frame["type"] == "token":
+                            now = time.perf_counter()
+                            tpot.observe(now - last)
+                            last = now
+                    for event in _released(answer.end(frame.get("finish_reason")), None):
                         yield event
                 break
             except PathLost as lost:
@@ -204,7 +213,7 @@ class CompletionService:
                     frame = await self._first(attempt.route.frames, req, attempt.deadline, caller)
                 except PathLost as again:
                     raise again.error from None
-                answer = Answer(safety, req.logprobs)
+                answer, last = Answer(safety, req.logprobs), time.perf_counter()
             except EngineError as exc:
                 raise from_engine(exc, req.prompt_field) from None
             except TimeoutError:
@@ -217,16 +226,22 @@ class CompletionService:
         the client sees (content_filter when the safety filter ended it); raises the ApiError of
         endings that are failures."""
         usage = done.get("usage") or _NO_USAGE
-        self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
-        self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        self.metrics.count_tokens(usage)
         caller.limiter.charge_tokens(caller.client, usage.get("total_tokens", 0))
         spans.note_usage(usage)
+        for why, n in answer.tools.dropped.items():
+            self.metrics.tool_calls_dropped.labels(why).inc(n)
         logprobs = tuple(answer.logprobs) if answer.logprobs is not None else None
+        seconds = time.perf_counter() - caller.start
         if answer.blocked is not None:
+            self.metrics.finished(CONTENT_FILTER, usage, done.get("timings"), seconds)
             return Done(CONTENT_FILTER, usage, answer.text, answer.tools.calls, logprobs)
         self._check_done(done)
         reason = done["finish_reason"]
-        if key is not None and self.cache is not None and reason in CACHEABLE:  # as generated: replays are screened anew
+        self.metrics.finished(reason, usage, done.get("timings"), seconds)
+        # As generated: replays are screened anew. A cut answer that holds complete tool calls is not
+        # cached: the cache keeps text, and a replay would drop the calls.
+        if key is not None and self.cache is not None and reason in CACHEABLE and not answer.tools.calls:
             self.cache.put(key, CachedResult("".join(answer.raw), reason, usage, logprobs))
         return Done(reason, usage, answer.text, answer.tools.calls, logprobs)
 

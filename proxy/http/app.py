@@ -175,8 +175,20 @@ class Sidecar:
         return web.Response(body=_HEALTHY, content_type=JSON_CONTENT)
 
     async def readyz(self, request: web.Request) -> web.Response:
+        ready = await self._readiness()
+        return _json(ready) if ready["status"] == "ready" else _json(ready, 503, _READY_RETRY_AFTER)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """/health as vLLM, TGI and llama.cpp's server answer it: 200 while requests can be
+        served (the same test as /readyz), else 503 with the reason."""
+        ready = await self._readiness()
+        if ready["status"] == "ready":
+            return web.Response(body=_HEALTHY, content_type=JSON_CONTENT)
+        return _json(ready, 503, _READY_RETRY_AFTER)
+
+    async def _readiness(self) -> dict[str, Any]:
         """What a request sent now would get (docs/reliability.md): ready with the route it
-        would take, or 503 with why every path refuses it."""
+        would take, or unavailable with why every path refuses it."""
         status = await self.link.status()
         self.metrics.set_engine_status(status)
         router = self.parts.router
@@ -184,14 +196,14 @@ class Sidecar:
         if local is None and router.offloading and router.local.state == OPEN:
             local = "the local path's circuit breaker is open"
         if local is None:
-            return _json({"status": "ready", "route": "local", "model": status["model"]["id"],
-                          "queue_depth": status.get("queue_depth", 0), "running": status.get("running", 0)})
+            return {"status": "ready", "route": "local", "model": status["model"]["id"],
+                    "queue_depth": status.get("queue_depth", 0), "running": status.get("running", 0)}
         if not router.offloading:
-            return _json({"status": "unavailable", "reason": local}, 503, _READY_RETRY_AFTER)
+            return {"status": "unavailable", "reason": local}
         cloud = router.cloud_refusal()
         if cloud is None:
-            return _json({"status": "ready", "route": "cloud"})
-        return _json({"status": "unavailable", "reason": f"{local}; {cloud}"}, 503, _READY_RETRY_AFTER)
+            return {"status": "ready", "route": "cloud"}
+        return {"status": "unavailable", "reason": f"{local}; {cloud}"}
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         self.metrics.set_engine_status(await self.link.status(timeout_s=0.5))
@@ -273,6 +285,7 @@ def build_app(config: ProxyConfig, parts: Parts | None = None) -> web.Applicatio
     app.router.add_get("/v1/models/{model}", sidecar.model)
     app.router.add_get("/healthz", sidecar.healthz)
     app.router.add_get("/readyz", sidecar.readyz)
+    app.router.add_get("/health", sidecar.health)
     app.router.add_get("/metrics", sidecar.metrics_text)
     app.router.add_get("/openapi.json", sidecar.openapi_json)
     app.on_response_prepare.append(_stamp)

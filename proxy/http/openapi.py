@@ -148,6 +148,10 @@ def document(config: ProxyConfig, secured: bool) -> dict[str, Any]:
                         "application/json", _ref("Status"),
                         {"503": {"description": "not ready", "headers": _RETRY_AFTER,
                                  "content": {"application/json": {"schema": _ref("Status")}}}}),
+        "/health": _get("Requests can be served (the test of /readyz; the path vLLM, TGI and llama.cpp's server use)",
+                        "application/json", _ref("Status"),
+                        {"503": {"description": "not serving", "headers": _RETRY_AFTER,
+                                 "content": {"application/json": {"schema": _ref("Status")}}}}),
         "/metrics": _get("Prometheus metrics", "text/plain", {"type": "string"}),
         "/openapi.json": _get("This document", "application/json", {"type": "object"}),
     }

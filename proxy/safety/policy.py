@@ -78,7 +78,7 @@ class PolicyTable(Table):
 
 
 class SafetyTable(PolicyTable):
-    """The safety filter on prompts and outputs (README.md, "Safety filter")."""
+    """The safety filter on prompts and outputs (docs/tool-calling.md, "Safety filter")."""
 
     enabled: Annotated[bool, Meta(description="screen prompts and outputs (when categories are set)")] = True
     hold_back_chars: Annotated[int, Meta(ge=1, le=4096, description="streamed output held back to catch phrases split across chunks")] = 64
