@@ -48,6 +48,7 @@ import os, tempfile
 import edgectl.cli
 os.chdir(tempfile.mkdtemp())
 assert edgectl.cli.main(["keygen", "ops"]) == 0
+import edgectl.console.server  # the fleet console is part of the controller's install
 """),
     "engine": (("engine",), """
 import edge_runtime.cli, edge_runtime.server, edge_runtime.models, edge_runtime.backends.onnxruntime, edge_runtime.grammar
