@@ -10,8 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = next((p for p in (os.environ.get("EDGE_TEST_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium")
@@ -91,15 +91,6 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             kill(proc)
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def is_loopback_url(url: str) -> bool:

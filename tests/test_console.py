@@ -19,7 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from console_harness import CHROMIUM, KEEPALIVE_S, ConsoleProcess, is_loopback_url, kill, start_sidecar, stop, wait_until
+from console_harness import CHROMIUM, KEEPALIVE_S, ConsoleProcess, is_loopback_url, kill, start_sidecar, stop
+from gateway_harness import wait_for
 from mqtt_harness import make_tls_files
 
 from proxy.auth.keys import hash_key
@@ -40,7 +41,7 @@ def fleet(broker, tmp_path_factory):
     sidecars = {gw: start_sidecar(root / gw, broker.url, gw, groups, root / "ctl.pub") for gw, groups in GATEWAYS.items()}
     console = ConsoleProcess(root / "console.log", broker.url, "--key", str(root / "ctl.key"))
     try:
-        wait_until(lambda: _get(console.url, "/api/v1/gateways")[1]["counts"]["online"] == len(GATEWAYS), 60, "the sidecars online")
+        wait_for(lambda: _get(console.url, "/api/v1/gateways")[1]["counts"]["online"] == len(GATEWAYS), 60, "the sidecars online")
         yield {"root": root, "sidecars": sidecars, "console": console, "broker": broker}
     finally:
         console.stop()
@@ -160,7 +161,7 @@ def test_a_push_from_the_page_is_applied_and_the_reported_version_shows(fleet, p
     page.get_by_role("button", name="Push").click()
     page.locator('#push-result[data-outcome="applied"]').wait_for()
     group_version = int(page.locator("#push-result").inner_text().split("version ", 1)[1].split(" ", 1)[0])
-    wait_until(lambda: _get(fleet["console"].url, "/api/v1/gateways/gw-b")[1]["config"]["group:site"]
+    wait_for(lambda: _get(fleet["console"].url, "/api/v1/gateways/gw-b")[1]["config"]["group:site"]
                == {"desired": group_version, "applied": group_version}, 20, "gw-b to report the group's push")
     assert page.errors == [] and page.blocked == []
     if SCREENSHOTS:
