@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import stat
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from .scheduler import Busy, Request, Scheduler, ShuttingDown
 from .sd_notify import notify, watchdog_interval_s
 from .tokenizer import Tokenizer
 from .tools import ToolCallParser, tool_format
+from .warm import warm_engine
 
 log = logging.getLogger("edge_runtime.server")
 
@@ -479,6 +479,9 @@ def serve(config: EngineConfig) -> int:
     backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads, device=device)
     info = model_info(config.model, model_dir, backend, tokenizer)
     log.info("model loaded", extra={"model": info["id"], "dir": str(model_dir), "max_batch": backend.max_batch})
+    notify("STATUS=warming up")
+    preparer = RequestPreparer(tokenizer, backend.vocab_size)
+    warm_engine(backend, preparer, config.prefill_chunk)  # before the scheduler owns the backend
     scheduler = Scheduler(
         backend, tokenizer, queue_size=config.queue_size, prefill_chunk=config.prefill_chunk,
         prefix_cache_bytes=int(config.prefix_cache_mb * 2**20), prefix_block=config.prefix_block, model_info=info,
@@ -496,7 +499,7 @@ def serve(config: EngineConfig) -> int:
     server = EngineServer(
         scheduler, tokenizer, info, socket_path, max_frame_bytes=config.max_frame_bytes, grace_s=config.grace_s
     )
-    threading.Thread(target=server.preparer.grammars.warm, name="grammar-warmup", daemon=True).start()
+    server.preparer = preparer  # the warmed one (a cached_property: this sets its value)
     asyncio.run(_serve_until_stopped(server))
     return 0
 
