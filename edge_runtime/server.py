@@ -4,7 +4,12 @@ protocol of edge_runtime/protocol.py in front of the scheduler's engine thread.
 Threads: the event loop owns the sockets; the scheduler's engine thread owns the model. The
 engine hands each chunk to a sink that only schedules a callback on the loop, so a slow
 client can never stall the engine: its frames pile up in a bounded per-connection queue, and
-a connection that overflows it is cut off (its requests cancelled)."""
+a connection that overflows it is cut off (its requests cancelled).
+
+Connections are bounded too (docs/reliability.md): one with nothing in flight that sends no frame
+for idle_timeout_s is closed, a frame begun must be complete within frame_timeout_s, and past
+max_connections the longest idle connection makes room for the new one (a new one is refused
+when none is idle)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,8 +32,10 @@ from typing import Any
 import msgspec
 
 from edge_wire.frames import (
+    BAD_FRAME,
     BUSY,
     CONTEXT_LENGTH_EXCEEDED,
+    FRAME_TOO_LARGE,
     DUPLICATE_ID,
     INTERNAL,
     INVALID_REQUEST,
@@ -35,9 +43,9 @@ from edge_wire.frames import (
     SHUTTING_DOWN,
     VERSION,
     ProtocolError,
+    decode_payload,
     encode_frame,
     error_frame,
-    read_frame,
 )
 from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, frame_id, parse_op
 from edge_wire.settings import ConfigError
@@ -47,7 +55,7 @@ from .config import EngineConfig, check_socket_dir
 from .errors import ContextLengthExceeded, EdgeRuntimeError, InvalidRequest
 from .generate import GenerationChunk
 from .grammar import Constraint
-from .logs import setup_logging
+from .logs import OncePer, setup_logging
 from .prepare import RequestPreparer
 from .protocol import Generation, done_frame, generation, token_frame
 from .scheduler import Busy, Request, Scheduler, ShuttingDown
@@ -60,6 +68,8 @@ log = logging.getLogger("edge_runtime.server")
 
 OUTBOUND_LIMIT = 4096  # frames queued for one client before it counts as stuck
 CLOSE_FLUSH_S = 5.0  # how long a closing connection may take to flush its last frames
+_HEADER = struct.Struct(">I")  # the frame's length prefix (edge_wire.frames)
+LIMIT_LOG_EVERY_S = 60.0  # connection-limit warnings: at most one line this often
 _MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path, less the terminating NUL
 
 
@@ -74,6 +84,9 @@ class EngineServer:
         max_frame_bytes: int,
         grace_s: float,
         outbound_limit: int = OUTBOUND_LIMIT,
+        max_connections: int = 128,
+        idle_timeout_s: float = 600.0,
+        frame_timeout_s: float = 10.0,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -82,6 +95,9 @@ class EngineServer:
         self.max_frame_bytes = max_frame_bytes
         self.grace_s = grace_s
         self.outbound_limit = outbound_limit
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s  # 0: never
+        self.frame_timeout_s = frame_timeout_s
         self.shutting_down = False
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -89,6 +105,7 @@ class EngineServer:
         self._request_numbers = itertools.count(1)  # makes engine request ids unique across connections
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._limit_log = OncePer(log, LIMIT_LOG_EVERY_S)  # a flood of connections is one line, not thousands
 
     async def start(self) -> None:
         """Listen on the socket (mode 0660), replacing a stale socket file but never a live server."""
@@ -158,6 +175,17 @@ class EngineServer:
         log.info("stopped")
         self._stopped.set()
 
+    def _make_room(self) -> bool:
+        """Close the connection idle the longest (none in flight, none mid-frame); False if none is."""
+        idle = [c for c in self.connections if c.idle()]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_active)
+        self._limit_log.warning("connection limit reached; closing the longest idle connection",
+                                extra={"conn": oldest.name, "max_connections": self.max_connections})
+        oldest.drop()
+        return True
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -176,6 +204,12 @@ class EngineServer:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Connection(self, reader, writer, f"c{next(self._conn_numbers)}")
+        if len(self.connections) >= self.max_connections and not self._make_room():
+            self._limit_log.warning("connection limit reached; refusing a new connection",
+                                    extra={"conn": conn.name, "max_connections": self.max_connections})
+            writer.write(encode_frame(error_frame(None, BUSY, f"the engine holds its limit of {self.max_connections} connections")))
+            writer.close()
+            return
         self.connections.add(conn)
         try:
             await conn.run()
@@ -208,6 +242,16 @@ class _Connection:
         self._dead = False  # the socket is gone: drop everything
         self._writer_task: asyncio.Task[None] | None = None
         self._submitting: set[asyncio.Task[None]] = set()
+        self.last_active = self._loop.time()  # the last frame read or stream ended
+        self.mid_frame = False  # some bytes of a frame are in, not all of it yet
+
+    def idle(self) -> bool:
+        """Nothing in flight: no stream running or being prepared, no frame half read."""
+        return not self.streams and not self._submitting and not self.mid_frame and not self._closing
+
+    def drop(self) -> None:
+        """Close the connection now (its streams, if any, are cancelled)."""
+        self._kill()
 
     async def run(self) -> None:
         log.debug("connected", extra={"conn": self.name})
@@ -253,7 +297,13 @@ class _Connection:
     async def _read_loop(self) -> None:
         while not self._closing:
             try:
-                frame = await read_frame(self.reader, self.server.max_frame_bytes)
+                first = await self._first_byte()
+                if first is None:
+                    log.debug("idle connection closed", extra={"conn": self.name, "idle_timeout_s": self.server.idle_timeout_s})
+                    return
+                if not first:
+                    return  # the client closed between frames
+                frame = await self._read_frame(first)
             except ProtocolError as exc:
                 log.warning("bad frame", extra={"conn": self.name, "code": exc.code, "error": exc.message})
                 self.send(exc.frame(None))
@@ -262,12 +312,53 @@ class _Connection:
                 continue
             except (ConnectionError, OSError):
                 return
-            if frame is None:
-                return
+            self.last_active = self._loop.time()
             self._dispatch(frame)
             # Buffered frames are read without suspending: yield so that the writer (and other
             # clients) get their turn against a client that pipelines thousands of requests.
             await asyncio.sleep(0)
+
+    async def _first_byte(self) -> bytes | None:
+        """A frame's first byte (b"" at the end of the stream), or None when the connection stayed
+        idle for idle_timeout_s. While streams run it waits for as long as they do: the client
+        is waiting for output, not idle."""
+        idle_s = self.server.idle_timeout_s
+        while True:
+            if not idle_s:
+                wait_s = None
+            elif self.idle():
+                wait_s = self.last_active + idle_s - self._loop.time()
+                if wait_s <= 0:
+                    return None
+            else:
+                wait_s = idle_s  # look again then: the streams may have ended meanwhile
+            try:
+                async with asyncio.timeout(wait_s):
+                    return await self.reader.read(1)  # a cancelled read consumes nothing
+            except TimeoutError:
+                continue
+
+    async def _read_frame(self, first: bytes) -> dict[str, Any]:
+        """The rest of the frame `first` began (edge_wire.frames' framing), within frame_timeout_s."""
+        reader, limit = self.reader, self.server.max_frame_bytes
+        self.mid_frame = True
+        try:
+            async with asyncio.timeout(self.server.frame_timeout_s):
+                try:
+                    (size,) = _HEADER.unpack(first + await reader.readexactly(_HEADER.size - 1))
+                except asyncio.IncompleteReadError:
+                    raise ProtocolError(BAD_FRAME, "truncated frame: stream ended inside a length prefix") from None
+                if size > limit:
+                    raise ProtocolError(FRAME_TOO_LARGE, f"frame of {size} bytes exceeds the limit of {limit} bytes")
+                try:
+                    body = await reader.readexactly(size)
+                except asyncio.IncompleteReadError as exc:
+                    raise ProtocolError(BAD_FRAME, f"truncated frame: stream ended after {len(exc.partial)} of {size} bytes") from None
+        except TimeoutError:
+            raise ProtocolError(BAD_FRAME, f"frame not completed within {self.server.frame_timeout_s:g} s") from None
+        finally:
+            self.mid_frame = False
+        return decode_payload(body)
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         try:
@@ -388,6 +479,7 @@ class _Connection:
         """Send a stream's terminal frame; its id is free again."""
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            self.last_active = self._loop.time()
             self.send(frame)
             if stream.timeline is not None:
                 engine_spans.record(stream.timeline, stream.id, frame)
@@ -497,7 +589,8 @@ def serve(config: EngineConfig) -> int:
     elif config.warmup_prompts:
         log.warning("warmup_prompts ignored: the prefix cache is off (prefix_cache_mb = 0)")
     server = EngineServer(
-        scheduler, tokenizer, info, socket_path, max_frame_bytes=config.max_frame_bytes, grace_s=config.grace_s
+        scheduler, tokenizer, info, socket_path, max_frame_bytes=config.max_frame_bytes, grace_s=config.grace_s,
+        max_connections=config.max_connections, idle_timeout_s=config.idle_timeout_s, frame_timeout_s=config.frame_timeout_s,
     )
     server.preparer = preparer  # the warmed one (a cached_property: this sets its value)
     asyncio.run(_serve_until_stopped(server))
