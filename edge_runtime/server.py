@@ -180,7 +180,7 @@ class EngineServer:
         idle = [c for c in self.connections if c.idle()]
         if not idle:
             return False
-        oldest = min(idle, key=lambda c: c.last_active)
+        oldest = min(idle, key=lambda c: (c.last_active, c.number))
         self._limit_log.warning("connection limit reached; closing the longest idle connection",
                                 extra={"conn": oldest.name, "max_connections": self.max_connections})
         oldest.drop()
@@ -203,8 +203,9 @@ class EngineServer:
                 log.error("engine thread made no progress; withholding watchdog ping", extra={"heartbeat_age_s": age})
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(self, reader, writer, f"c{next(self._conn_numbers)}")
-        if len(self.connections) >= self.max_connections and not self._make_room():
+        conn = _Connection(self, reader, writer, next(self._conn_numbers))
+        held = sum(1 for c in self.connections if not c.closing)  # one closed a moment ago is still listed
+        if held >= self.max_connections and not self._make_room():
             self._limit_log.warning("connection limit reached; refusing a new connection",
                                     extra={"conn": conn.name, "max_connections": self.max_connections})
             writer.write(encode_frame(error_frame(None, BUSY, f"the engine holds its limit of {self.max_connections} connections")))
@@ -229,11 +230,12 @@ class _Stream:
 class _Connection:
     """One client: reads and validates frames, runs its generate streams, writes their frames."""
 
-    def __init__(self, server: EngineServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
+    def __init__(self, server: EngineServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.name = name
+        self.number = number  # in order of arrival
+        self.name = f"c{number}"
         self.streams: dict[str, _Stream] = {}
         self._loop = asyncio.get_running_loop()
         self._outbound: deque[bytes] = deque()
@@ -248,6 +250,10 @@ class _Connection:
     def idle(self) -> bool:
         """Nothing in flight: no stream running or being prepared, no frame half read."""
         return not self.streams and not self._submitting and not self.mid_frame and not self._closing
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def drop(self) -> None:
         """Close the connection now (its streams, if any, are cancelled)."""
