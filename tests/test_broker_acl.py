@@ -142,7 +142,7 @@ def test_a_device_cannot_publish_to_another_devices_request_topic_nor_read_its_a
                 if got_a:
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
+            await asyncio.wait([refused])  # the broker refused it (PUBACK "not authorized"): it went nowhere
             return got_a, got_b, refused
         finally:
             await a.stop()
