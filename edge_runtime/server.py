@@ -579,7 +579,7 @@ def serve(config: EngineConfig) -> int:
     log.info("model loaded", extra={"model": info["id"], "dir": str(model_dir), "max_batch": backend.max_batch})
     notify("STATUS=warming up")
     preparer = RequestPreparer(tokenizer, backend.vocab_size)
-    warm_engine(backend, preparer, config.prefill_chunk)  # before the scheduler owns the backend
+    warm_engine(backend, preparer, config.prefill_chunk, shapes=config.warm_shapes)  # before the scheduler owns the backend
     scheduler = Scheduler(
         backend, tokenizer, queue_size=config.queue_size, prefill_chunk=config.prefill_chunk,
         prefix_cache_bytes=int(config.prefix_cache_mb * 2**20), prefix_block=config.prefix_block, model_info=info,
