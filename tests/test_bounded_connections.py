@@ -225,6 +225,28 @@ def test_sidecar_cap_closes_the_oldest_idle_connections_first(engine):
         run(main())
 
 
+def test_sidecar_idle_connections_and_stalled_bodies_are_bounded(engine):
+    with _proxy(engine, idle_timeout_s=0.5, body_timeout_s=0.5) as proxy:
+        host, port = "127.0.0.1", int(proxy.url.rsplit(":", 1)[1])
+
+        async def main():
+            idle = [await asyncio.open_connection(host, port) for _ in range(50)]  # never send a byte
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"model\": ")  # and the rest never comes
+            answer = await closed_by_peer(reader)
+            assert all(a == b"" for a in await asyncio.gather(*(closed_by_peer(r) for r, _ in idle)))
+            await _served(proxy.url)
+            writer.close()
+            for _, w in idle:
+                w.close()
+            return answer
+
+        head, _, body = run(main()).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert b'"code": "request_timeout"' in body
+
+
 BAD_FRAMING = {
     "content-length-and-chunked": f"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nX-{MARKER}: 1\r\n"
                                   "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
