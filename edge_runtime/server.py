@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +34,6 @@ from edge_wire.frames import (
     BAD_FRAME,
     BUSY,
     CONTEXT_LENGTH_EXCEEDED,
-    FRAME_TOO_LARGE,
     DUPLICATE_ID,
     INTERNAL,
     INVALID_REQUEST,
@@ -43,9 +41,9 @@ from edge_wire.frames import (
     SHUTTING_DOWN,
     VERSION,
     ProtocolError,
-    decode_payload,
     encode_frame,
     error_frame,
+    read_frame,
 )
 from edge_wire.messages import CancelOp, GenerateOp, ModelsOp, StatusOp, frame_id, parse_op
 from edge_wire.settings import ConfigError
@@ -68,7 +66,6 @@ log = logging.getLogger("edge_runtime.server")
 
 OUTBOUND_LIMIT = 4096  # frames queued for one client before it counts as stuck
 CLOSE_FLUSH_S = 5.0  # how long a closing connection may take to flush its last frames
-_HEADER = struct.Struct(">I")  # the frame's length prefix (edge_wire.frames)
 LIMIT_LOG_EVERY_S = 60.0  # connection-limit warnings: at most one line this often
 _MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path, less the terminating NUL
 
@@ -345,26 +342,17 @@ class _Connection:
                 continue
 
     async def _read_frame(self, first: bytes) -> dict[str, Any]:
-        """The rest of the frame `first` began (edge_wire.frames' framing), within frame_timeout_s."""
-        reader, limit = self.reader, self.server.max_frame_bytes
+        """The rest of the frame `first` began, within frame_timeout_s."""
         self.mid_frame = True
         try:
             async with asyncio.timeout(self.server.frame_timeout_s):
-                try:
-                    (size,) = _HEADER.unpack(first + await reader.readexactly(_HEADER.size - 1))
-                except asyncio.IncompleteReadError:
-                    raise ProtocolError(BAD_FRAME, "truncated frame: stream ended inside a length prefix") from None
-                if size > limit:
-                    raise ProtocolError(FRAME_TOO_LARGE, f"frame of {size} bytes exceeds the limit of {limit} bytes")
-                try:
-                    body = await reader.readexactly(size)
-                except asyncio.IncompleteReadError as exc:
-                    raise ProtocolError(BAD_FRAME, f"truncated frame: stream ended after {len(exc.partial)} of {size} bytes") from None
+                frame = await read_frame(self.reader, self.server.max_frame_bytes, first)
         except TimeoutError:
             raise ProtocolError(BAD_FRAME, f"frame not completed within {self.server.frame_timeout_s:g} s") from None
         finally:
             self.mid_frame = False
-        return decode_payload(body)
+        assert frame is not None  # a frame begun is a frame, or a ProtocolError
+        return frame
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         try:
