@@ -162,7 +162,8 @@ def engine(tiny_model_dir):
 
 
 def _proxy(engine: Engine, **config) -> Proxy:
-    return Proxy(ProxyConfig(engine_socket=str(engine.socket_path), model_aliases=("x",), **config))
+    # grace_s: a shutdown waits this long for handlers still running (the harness waits 30 s in all)
+    return Proxy(ProxyConfig(engine_socket=str(engine.socket_path), model_aliases=("x",), grace_s=5, **config))
 
 
 async def _slowloris(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.Task[None]]:
