@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import struct
 import tempfile
@@ -30,6 +31,20 @@ CLOSE_BOUND_S = 15.0  # how long the bounds may take to close a flood (they take
 LONG = {"temperature": 0.0, "max_tokens": 240, "ignore_eos": True}  # over 12 s on a 50 ms-per-step engine
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "the quick brown fox"}], "max_tokens": 4}
 MARKER = "ECHOCHECK"  # in every bad request: it must come back in neither the answer nor the log
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _enough_file_descriptors():
+    """A flood holds both ends of its connections in this process: raise the soft limit (a
+    shell's default may be 1024) as far as the hard one allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 3 * FLOOD
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"the fault suite needs {need} open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture
