@@ -282,9 +282,9 @@ def test_sidecar_bad_framing_is_a_plain_400_logged_once_without_echo(engine, cap
             answer = b""
             while chunk := sock.recv(65536):
                 answer += chunk
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", answer[:200]
-        assert MARKER.encode() not in answer
+        status_line = answer.split(b"\r\n", 1)[0]
+        assert status_line.split(b" ")[1] == b"400", answer[:200]
+        assert MARKER.encode() not in answer  # neither in the head nor in the plain-text body
         bad = [r for r in caplog.records if r.getMessage() == "bad HTTP request"]
         assert len(bad) == 1 and bad[0].levelno == logging.WARNING and bad[0].exc_info is None
         for record in caplog.records:
