@@ -149,7 +149,10 @@ class EngineClient:
     # -- internals ----------------------------------------------------------------------
 
     async def _ask(self, op: str) -> dict[str, Any]:
-        request_id = f"{op[0]}{next(self._ids)}"
+        # Apart from the ids callers give their streams (s1 would take a stream's frames).
+        request_id = f"_{op}{next(self._ids)}"
+        while request_id in self._queues:
+            request_id = f"_{op}{next(self._ids)}"
         queue: asyncio.Queue[dict[str, Any] | EngineError] = asyncio.Queue()
         self._queues[request_id] = queue
         try:

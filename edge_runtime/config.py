@@ -47,8 +47,16 @@ class EngineConfig(Table):
     prefix_block: Annotated[int, Meta(ge=1, le=4096, description="tokens per prefix-cache block")] = 32
     warmup_prompts: Annotated[tuple[WarmupPrompt, ...], Meta(
         description='prefixes cached at start: "raw text" or {system = "..."}')] = ()
+    warm_shapes: Annotated[bool, Meta(description=(
+        "run each batch size and the prefill chunk once before READY=1 (docs/reliability.md)"))] = True
     grace_s: Annotated[float, Meta(ge=0, description="running streams may finish this long after SIGTERM")] = 30.0
     max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20, description="largest engine protocol frame")] = DEFAULT_MAX_FRAME
+    max_connections: Annotated[int, Meta(ge=1, le=65536, description=(
+        "socket connections held at once; past it the longest idle one is closed (docs/reliability.md)"))] = 128
+    idle_timeout_s: Annotated[float, Meta(ge=0, description=(
+        "a connection with no stream in flight and no frame for this long is closed; 0: never"))] = 600.0
+    frame_timeout_s: Annotated[float, Meta(gt=0, description=(
+        "a frame begun must be complete within this, or the connection is closed"))] = 10.0
     log_level: Annotated[LogLevel, Meta(description="debug, info, warning or error")] = "info"
 
     def resolved_socket_path(self) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import datetime, timezone
 
 from . import tracing
@@ -39,3 +40,21 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class OncePer:
+    """Warnings about a flood (connections refused, bad requests) as one line per `every_s`, with
+    how many were left unsaid since the last one, instead of one line per event."""
+
+    def __init__(self, logger: logging.Logger, every_s: float) -> None:
+        self.logger, self.every_s = logger, every_s
+        self._last = float("-inf")
+        self._suppressed = 0
+
+    def warning(self, msg: str, *, extra: dict[str, object]) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._suppressed += 1
+            return
+        self.logger.warning(msg, extra={**extra, "suppressed_since_last": self._suppressed})
+        self._last, self._suppressed = now, 0

@@ -4,7 +4,12 @@ protocol of edge_runtime/protocol.py in front of the scheduler's engine thread.
 Threads: the event loop owns the sockets; the scheduler's engine thread owns the model. The
 engine hands each chunk to a sink that only schedules a callback on the loop, so a slow
 client can never stall the engine: its frames pile up in a bounded per-connection queue, and
-a connection that overflows it is cut off (its requests cancelled)."""
+a connection that overflows it is cut off (its requests cancelled).
+
+Connections are bounded too (docs/reliability.md): one with nothing in flight that sends no frame
+for idle_timeout_s is closed, a frame begun must be complete within frame_timeout_s, and past
+max_connections the longest idle connection makes room for the new one (a new one is refused
+when none is idle)."""
 
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ import os
 import signal
 import socket
 import stat
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from typing import Any
 import msgspec
 
 from edge_wire.frames import (
+    BAD_FRAME,
     BUSY,
     CONTEXT_LENGTH_EXCEEDED,
     DUPLICATE_ID,
@@ -48,18 +53,20 @@ from .config import EngineConfig, check_socket_dir
 from .errors import ContextLengthExceeded, EdgeRuntimeError, InvalidRequest
 from .generate import GenerationChunk
 from .grammar import Constraint
-from .logs import setup_logging
+from .logs import OncePer, setup_logging
 from .prepare import RequestPreparer
 from .protocol import Generation, done_frame, generation, token_frame
 from .scheduler import Busy, Request, Scheduler, ShuttingDown
 from .sd_notify import notify, watchdog_interval_s
 from .tokenizer import Tokenizer
 from .tools import ToolCallParser, tool_format
+from .warm import warm_engine
 
 log = logging.getLogger("edge_runtime.server")
 
 OUTBOUND_LIMIT = 4096  # frames queued for one client before it counts as stuck
 CLOSE_FLUSH_S = 5.0  # how long a closing connection may take to flush its last frames
+LIMIT_LOG_EVERY_S = 60.0  # connection-limit warnings: at most one line this often
 _MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path, less the terminating NUL
 
 
@@ -74,6 +81,9 @@ class EngineServer:
         max_frame_bytes: int,
         grace_s: float,
         outbound_limit: int = OUTBOUND_LIMIT,
+        max_connections: int = 128,
+        idle_timeout_s: float = 600.0,
+        frame_timeout_s: float = 10.0,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -82,6 +92,9 @@ class EngineServer:
         self.max_frame_bytes = max_frame_bytes
         self.grace_s = grace_s
         self.outbound_limit = outbound_limit
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s  # 0: never
+        self.frame_timeout_s = frame_timeout_s
         self.shutting_down = False
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -89,6 +102,7 @@ class EngineServer:
         self._request_numbers = itertools.count(1)  # makes engine request ids unique across connections
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._limit_log = OncePer(log, LIMIT_LOG_EVERY_S)  # a flood of connections is one line, not thousands
 
     async def start(self) -> None:
         """Listen on the socket (mode 0660), replacing a stale socket file but never a live server."""
@@ -158,6 +172,17 @@ class EngineServer:
         log.info("stopped")
         self._stopped.set()
 
+    def _make_room(self) -> bool:
+        """Close the connection idle the longest (none in flight, none mid-frame); False if none is."""
+        idle = [c for c in self.connections if c.idle()]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: (c.last_active, c.number))
+        self._limit_log.warning("connection limit reached; closing the longest idle connection",
+                                extra={"conn": oldest.name, "max_connections": self.max_connections})
+        oldest.drop()
+        return True
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -175,7 +200,14 @@ class EngineServer:
                 log.error("engine thread made no progress; withholding watchdog ping", extra={"heartbeat_age_s": age})
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(self, reader, writer, f"c{next(self._conn_numbers)}")
+        conn = _Connection(self, reader, writer, next(self._conn_numbers))
+        held = sum(1 for c in self.connections if not c.closing)  # one closed a moment ago is still listed
+        if held >= self.max_connections and not self._make_room():
+            self._limit_log.warning("connection limit reached; refusing a new connection",
+                                    extra={"conn": conn.name, "max_connections": self.max_connections})
+            writer.write(encode_frame(error_frame(None, BUSY, f"the engine holds its limit of {self.max_connections} connections")))
+            writer.close()
+            return
         self.connections.add(conn)
         try:
             await conn.run()
@@ -195,11 +227,12 @@ class _Stream:
 class _Connection:
     """One client: reads and validates frames, runs its generate streams, writes their frames."""
 
-    def __init__(self, server: EngineServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
+    def __init__(self, server: EngineServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.name = name
+        self.number = number  # in order of arrival
+        self.name = f"c{number}"
         self.streams: dict[str, _Stream] = {}
         self._loop = asyncio.get_running_loop()
         self._outbound: deque[bytes] = deque()
@@ -208,6 +241,20 @@ class _Connection:
         self._dead = False  # the socket is gone: drop everything
         self._writer_task: asyncio.Task[None] | None = None
         self._submitting: set[asyncio.Task[None]] = set()
+        self.last_active = self._loop.time()  # the last frame read or stream ended
+        self.mid_frame = False  # some bytes of a frame are in, not all of it yet
+
+    def idle(self) -> bool:
+        """Nothing in flight: no stream running or being prepared, no frame half read."""
+        return not self.streams and not self._submitting and not self.mid_frame and not self._closing
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def drop(self) -> None:
+        """Close the connection now (its streams, if any, are cancelled)."""
+        self._kill()
 
     async def run(self) -> None:
         log.debug("connected", extra={"conn": self.name})
@@ -253,7 +300,13 @@ class _Connection:
     async def _read_loop(self) -> None:
         while not self._closing:
             try:
-                frame = await read_frame(self.reader, self.server.max_frame_bytes)
+                first = await self._first_byte()
+                if first is None:
+                    log.debug("idle connection closed", extra={"conn": self.name, "idle_timeout_s": self.server.idle_timeout_s})
+                    return
+                if not first:
+                    return  # the client closed between frames
+                frame = await self._read_frame(first)
             except ProtocolError as exc:
                 log.warning("bad frame", extra={"conn": self.name, "code": exc.code, "error": exc.message})
                 self.send(exc.frame(None))
@@ -262,12 +315,44 @@ class _Connection:
                 continue
             except (ConnectionError, OSError):
                 return
-            if frame is None:
-                return
+            self.last_active = self._loop.time()
             self._dispatch(frame)
             # Buffered frames are read without suspending: yield so that the writer (and other
             # clients) get their turn against a client that pipelines thousands of requests.
             await asyncio.sleep(0)
+
+    async def _first_byte(self) -> bytes | None:
+        """A frame's first byte (b"" at the end of the stream), or None when the connection stayed
+        idle for idle_timeout_s. While streams run it waits for as long as they do: the client
+        is waiting for output, not idle."""
+        idle_s = self.server.idle_timeout_s
+        while True:
+            if not idle_s:
+                wait_s = None
+            elif self.idle():
+                wait_s = self.last_active + idle_s - self._loop.time()
+                if wait_s <= 0:
+                    return None
+            else:
+                wait_s = idle_s  # look again then: the streams may have ended meanwhile
+            try:
+                async with asyncio.timeout(wait_s):
+                    return await self.reader.read(1)  # a cancelled read consumes nothing
+            except TimeoutError:
+                continue
+
+    async def _read_frame(self, first: bytes) -> dict[str, Any]:
+        """The rest of the frame `first` began, within frame_timeout_s."""
+        self.mid_frame = True
+        try:
+            async with asyncio.timeout(self.server.frame_timeout_s):
+                frame = await read_frame(self.reader, self.server.max_frame_bytes, first)
+        except TimeoutError:
+            raise ProtocolError(BAD_FRAME, f"frame not completed within {self.server.frame_timeout_s:g} s") from None
+        finally:
+            self.mid_frame = False
+        assert frame is not None  # a frame begun is a frame, or a ProtocolError
+        return frame
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         try:
@@ -388,6 +473,7 @@ class _Connection:
         """Send a stream's terminal frame; its id is free again."""
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            self.last_active = self._loop.time()
             self.send(frame)
             if stream.timeline is not None:
                 engine_spans.record(stream.timeline, stream.id, frame)
@@ -480,6 +566,9 @@ def serve(config: EngineConfig) -> int:
     backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads, device=device)
     info = model_info(config.model, model_dir, backend, tokenizer)
     log.info("model loaded", extra={"model": info["id"], "dir": str(model_dir), "max_batch": backend.max_batch})
+    notify("STATUS=warming up")
+    preparer = RequestPreparer(tokenizer, backend.vocab_size)
+    warm_engine(backend, preparer, config.prefill_chunk, shapes=config.warm_shapes)  # before the scheduler owns the backend
     scheduler = Scheduler(
         backend, tokenizer, queue_size=config.queue_size, prefill_chunk=config.prefill_chunk,
         prefix_cache_bytes=int(config.prefix_cache_mb * 2**20), prefix_block=config.prefix_block, model_info=info,
@@ -495,9 +584,10 @@ def serve(config: EngineConfig) -> int:
     elif config.warmup_prompts:
         log.warning("warmup_prompts ignored: the prefix cache is off (prefix_cache_mb = 0)")
     server = EngineServer(
-        scheduler, tokenizer, info, socket_path, max_frame_bytes=config.max_frame_bytes, grace_s=config.grace_s
+        scheduler, tokenizer, info, socket_path, max_frame_bytes=config.max_frame_bytes, grace_s=config.grace_s,
+        max_connections=config.max_connections, idle_timeout_s=config.idle_timeout_s, frame_timeout_s=config.frame_timeout_s,
     )
-    threading.Thread(target=server.preparer.grammars.warm, name="grammar-warmup", daemon=True).start()
+    server.preparer = preparer  # the warmed one (a cached_property: this sets its value)
     asyncio.run(_serve_until_stopped(server))
     return 0
 

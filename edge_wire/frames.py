@@ -67,12 +67,13 @@ def decode_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
-async def read_frame(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME) -> dict[str, Any] | None:
-    """The next frame's map, or None at a clean end of stream (between frames)."""
+async def read_frame(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_FRAME, first: bytes = b"") -> dict[str, Any] | None:
+    """The next frame's map, or None at a clean end of stream (between frames). `first`: the
+    frame's first bytes, when the caller has read them already (to time the rest)."""
     try:
-        header = await reader.readexactly(_HEADER.size)
+        header = first + await reader.readexactly(_HEADER.size - len(first))
     except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
+        if not exc.partial and not first:
             return None
         raise ProtocolError(BAD_FRAME, "truncated frame: stream ended inside a length prefix") from None
     (size,) = _HEADER.unpack(header)

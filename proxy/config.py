@@ -52,6 +52,11 @@ class ProxyConfig(Table):
     model_aliases: Annotated[tuple[Annotated[str, Meta(min_length=1, max_length=256)], ...], Meta(
         description='more names for the engine\'s model, e.g. ["gpt-4o-mini"]')] = ()
     grace_s: Annotated[float, Meta(ge=0, description="requests in flight may finish this long after SIGTERM")] = 30.0
+    max_connections: Annotated[int, Meta(ge=1, le=1 << 20, description=(
+        "HTTP connections held at once; past it the longest idle one is closed (docs/reliability.md)"))] = 1024
+    idle_timeout_s: Annotated[float, Meta(gt=0, description="a keep-alive connection waiting this long for a request is closed")] = 75.0
+    header_timeout_s: Annotated[float, Meta(gt=0, description="a request's head must arrive within this of its first byte")] = 10.0
+    body_timeout_s: Annotated[float, Meta(gt=0, description="a request's body must arrive within this (else 408)")] = 30.0
     access_log: Annotated[bool, Meta(description="a log line per request")] = True
     log_level: Annotated[LogLevel, Meta(description="debug, info, warning or error")] = "info"
     jwt: Annotated[JwtConfig | None, Meta(description="accept JWT bearer tokens too")] = None

@@ -142,7 +142,7 @@ def test_a_device_cannot_publish_to_another_devices_request_topic_nor_read_its_a
                 if got_a:
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
+            await asyncio.wait([refused])  # the broker refused it (PUBACK "not authorized"): it went nowhere
             return got_a, got_b, refused
         finally:
             await a.stop()
@@ -167,8 +167,14 @@ def test_a_device_cannot_read_offload_requests_while_the_fleet_offloads(shipped,
                 await try_subscribe(spy, topic, seen.append)
             answer = await post(f"{gw.url}/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                                    "max_tokens": 3})
-            await asyncio.sleep(0.3)
-            return answer, seen
+            # A marker: the spy's own device request, answered by the gateway after it published the
+            # offload request; a copy of that request (were the ACL to let one through) comes first.
+            own_reply = "edge/gw-0042/infer/reply/dev-b"
+            marker = asyncio.get_running_loop().create_future()
+            await spy.subscribe(own_reply, lambda m: marker.done() or marker.set_result(m), qos=1)
+            spy.publish("edge/gw-0042/infer/request/dev-b", json.dumps({"prompt": "x", "max_tokens": 2}).encode(), qos=1)
+            await asyncio.wait_for(marker, 30)
+            return answer, [m for m in seen if m.topic != own_reply]
         finally:
             await spy.stop()
 

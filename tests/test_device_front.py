@@ -143,10 +143,13 @@ def test_garbage_gets_error_replies_and_the_gateway_keeps_serving(broker, gatewa
             unnamed = (await dev.next())[1]
             dev.send(b'{"id": "ok", "prompt": "still serving", "max_tokens": 3}', response_topic=reply)
             answer = (await dev.next())[1]
-            await asyncio.sleep(0.3)
+            # The gateway answered "ok" last: whatever it published before reached the spy first.
             seen = set()
-            while not spy.got.empty():
-                seen.add(spy.got.get_nowait().topic)
+            while True:
+                message = await asyncio.wait_for(spy.got.get(), 20)  # (the requests seen are garbage)
+                seen.add(message.topic)
+                if message.topic == reply and message.payload.startswith(b"{") and json.loads(message.payload).get("id") == "ok":
+                    break
             return errors, misdirected, unnamed, answer, seen
 
     errors, misdirected, unnamed, answer, seen = run(main())
@@ -181,11 +184,12 @@ def test_per_device_rate_limits(broker, engine):
                 for name in ("dev-rl", "dev-rl", "dev-victim"):
                     dev.send(msgpack.packb({"prompt": "x", "max_tokens": 2}), response_topic=f"edge/gw-rl/infer/reply/{name}")
                     out.setdefault("dev-rl", []).append((await dev.next())[1])
-                victim.send(msgpack.packb({"prompt": "x", "max_tokens": 2}))
+                victim.send(msgpack.packb({"id": "victim-1", "prompt": "x", "max_tokens": 2}))
+                # The gateway published anything it (wrongly) sent the victim before this answer:
+                # the first message the victim gets must be its own answer.
                 message, reply = await victim.next()
                 out["dev-victim"] = [reply]
-                await asyncio.sleep(0.3)
-                assert message.topic == "edge/gw-rl/infer/reply/dev-victim" and victim.got.empty()
+                assert message.topic == "edge/gw-rl/infer/reply/dev-victim" and reply.get("id") == "victim-1"
             return out
 
         replies = run(main())

@@ -29,6 +29,7 @@ from edge_wire.frames import encode_frame
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
 LONG = {"temperature": 0.0, "max_tokens": 200, "ignore_eos": True}  # runs ~1 s on the slow engine
+DRAINED = 3  # streams in flight when the subprocess gets SIGTERM
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +69,18 @@ def _text(frames: list[dict]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")
 
 
-async def _wait_idle(client: EngineClient) -> dict:
+async def _wait_status(client: EngineClient, what: str, predicate) -> dict:
+    """The engine's status once `predicate` holds for it (asked again until it does)."""
     for _ in range(300):
         status = await client.status()
-        if status["running"] == 0 and status["queue_depth"] == 0:
+        if predicate(status):
             return status
         await asyncio.sleep(0.02)
-    raise AssertionError(f"engine never went idle: {status}")
+    raise AssertionError(f"engine never got {what}: {status}")
+
+
+async def _wait_idle(client: EngineClient) -> dict:
+    return await _wait_status(client, "idle", lambda s: s["running"] == 0 and s["queue_depth"] == 0)
 
 
 class RawConn:
@@ -239,7 +245,7 @@ def test_busy_when_queue_full(slow_engine):
             running = client.generate(prompt="hello", params=LONG)
             assert (await running.__anext__())["type"] == "token"  # admitted: the queue is empty again
             queued = asyncio.create_task(_collect(client, prompt="world", params=GREEDY))
-            await asyncio.sleep(0.05)
+            await _wait_status(client, "a queued request", lambda s: s["queue_depth"] == 1)
             with pytest.raises(Busy) as info:
                 await _collect(client, prompt="fox", params=GREEDY)
             await running.aclose()
@@ -352,6 +358,19 @@ def _assert_still_serving(engine: Engine) -> None:
     assert run(main())[-1]["type"] == "done"
 
 
+def test_status_asked_during_a_stream_with_a_like_id_does_not_take_its_frames(engine):
+    """A caller may call its stream "s1" (the client once named its status asks so, and the ask took
+    the stream's frames or the stream was refused)."""
+    async def main():
+        async with await EngineClient.connect(engine.socket_path) as client:
+            stream = asyncio.create_task(_collect(client, prompt="hello", params=GREEDY, id="s1"))
+            statuses = [await client.status() for _ in range(3)]
+            return await stream, statuses
+
+    frames, statuses = run(main())
+    assert frames[-1]["type"] == "done" and all(s["type"] == "status" for s in statuses)
+
+
 def test_engine_errors_raise_in_the_client(engine):
     async def main():
         async with await EngineClient.connect(engine.socket_path, max_frame_bytes=4096) as client:
@@ -376,7 +395,7 @@ def test_shutdown_refuses_new_work_and_lets_running_streams_finish(model_dir, so
                 stream = client.generate(prompt="hello", params=LONG)
                 frames = [await stream.__anext__()]
                 engine.call(engine.server.request_stop)
-                await asyncio.sleep(0.05)
+                await _wait_status(client, "to shutting down", lambda s: s["shutting_down"])
                 with pytest.raises(EngineError) as refused:
                     await _collect(client, prompt="hello", params=GREEDY)
                 frames += [f async for f in stream]
@@ -407,7 +426,7 @@ def test_serve_subprocess_systemd_notify_and_sigterm(model_dir, sock_dir):
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_runtime.cli", "serve", "--model", str(model_dir), "--socket", str(stale),
-         "--max-batch", "1", "--grace", "20"],
+         "--max-batch", "1", "--grace", "60"],
         env=env, stderr=subprocess.PIPE, text=True,
     )
     messages: list[str] = []
@@ -422,17 +441,31 @@ def test_serve_subprocess_systemd_notify_and_sigterm(model_dir, sock_dir):
         wait_for("WATCHDOG=1")
 
         async def main():
+            # One slot, DRAINED streams of 200 tokens each: seconds of work, so the signal lands
+            # while they run (the engine's STATUS line at STOPPING=1 counts those in flight).
             async with await EngineClient.connect(stale) as client:
-                stream = client.generate(prompt="hello", params=LONG)
-                frames = [await stream.__anext__()]
-                proc.send_signal(signal.SIGTERM)
-                frames += [f async for f in stream]
-                return frames
+                started = asyncio.Event()
 
-        frames = run(main())
-        assert frames[-1]["finish_reason"] == "length" and frames[-1]["usage"]["completion_tokens"] == 200
+                async def consume(i: int) -> list[dict]:
+                    frames = []
+                    async for frame in client.generate(prompt="hello", params=LONG, id=f"s{i}"):
+                        frames.append(frame)
+                        started.set()
+                    return frames
+
+                tasks = [asyncio.create_task(consume(i)) for i in range(DRAINED)]
+                await started.wait()
+                await _wait_status(client, "every stream submitted",
+                                   lambda s: s["running"] + s["queue_depth"] + s["completed"] == DRAINED)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        for frames in asyncio.run(asyncio.wait_for(main(), 90)):
+            assert frames[-1]["finish_reason"] == "length" and frames[-1]["usage"]["completion_tokens"] == 200
         assert proc.wait(30) == 0
         wait_for("STOPPING=1")
+        draining = [line for m in messages for line in m.split("\n") if line.startswith("STATUS=draining ")]
+        assert int(draining[0].split()[1]) >= 1, messages  # streams were in flight when the signal landed
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -127,8 +127,7 @@ def test_a_worker_killed_mid_stream_gives_an_error_event_or_a_local_retry(broker
         config.write_text('[fleet]\ntopic_prefix = "killtest"\n')
         worker = worker_process(broker.url, slow_cloud.socket_path, log, "--config", str(config))
         try:
-            wait_for(lambda: b"connected to the broker" in log.read_bytes(), what="the worker's broker connection")
-            time.sleep(0.5)  # its SUBACK
+            wait_for(lambda: b"cloud worker subscriptions acknowledged" in log.read_bytes(), what="the worker's SUBACKs")
 
             async def main():
                 plain = asyncio.ensure_future(post(f"{gw.url}/v1/chat/completions", chat(stream=False, max_tokens=120)))
@@ -140,7 +139,8 @@ def test_a_worker_killed_mid_stream_gives_an_error_event_or_a_local_retry(broker
                     first = await r.content.readline()
                     while not first.startswith(b"data: "):
                         first = await r.content.readline()
-                    await asyncio.sleep(0.2)
+                    while gw.metric("edge_proxy_offloads_in_flight") < 2:  # the plain request is offloaded too
+                        await asyncio.sleep(0.02)
                     kill(worker)
                     started = time.monotonic()
                     rest = await r.content.read()
@@ -174,10 +174,10 @@ class ScriptedWorker:
         self.requests: list[tuple[dict, MessageProperties]] = []
 
     async def start(self) -> None:
-        self.client.subscribe(self.topics.offload_request("scripted"), self._on_request, qos=1)
+        subscribed = self.client.subscribe(self.topics.offload_request("scripted"), self._on_request, qos=1)
         await self.client.start()
         assert await self.client.wait_connected(10)
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(subscribed, 10)  # the SUBACK: from now on requests reach this worker
 
     def _on_request(self, message) -> None:
         request = protocol.unseal(OFFLOAD_SECRET.encode(), message.topic, message.payload)
@@ -253,10 +253,11 @@ def test_a_broker_drop_fails_offloads_over_to_the_local_engine(mqtt_broker, tiny
         async def main():
             await worker.start()
             plain = asyncio.ensure_future(post(f"{gw.url}/v1/chat/completions", chat(stream=False)))
-            streamed = asyncio.ensure_future(post(f"{gw.url}/v1/chat/completions", chat(stream=True)))
+            three_tokens = asyncio.Event()
+            streamed = asyncio.ensure_future(_stream(f"{gw.url}/v1/chat/completions", chat(stream=True), 3, three_tokens))
             while len(worker.requests) < 2:
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+            await three_tokens.wait()  # the worker's tokens reached the streaming client
             await asyncio.to_thread(b.stop)
             answers = await asyncio.gather(plain, streamed)
             await worker.stop()
@@ -267,6 +268,19 @@ def test_a_broker_drop_fails_offloads_over_to_the_local_engine(mqtt_broker, tiny
         text, events = sse_text(raw)
         assert s_status == 200 and text == "x x x " and events[-1]["error"]["code"] == "offload_interrupted"
         assert gw.metric("edge_proxy_offload_failures_total", reason="lost") == 2
+
+
+async def _stream(url: str, body: dict, tokens: int, got_them: asyncio.Event) -> tuple[int, dict, bytes]:
+    """post() for a stream, setting `got_them` once `tokens` content events have arrived."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as r:
+        raw = b""
+        async for line in r.content:
+            raw += line
+            if len(sse_text(raw)[0].split()) >= tokens:
+                got_them.set()
+        return r.status, dict(r.headers), raw
 
 
 def test_with_neither_path_the_answer_is_503_with_retry_after(broker, tiny_model_dir, sockets):
@@ -315,10 +329,10 @@ def test_thermal_and_wait_bounds_offload_and_device_requests_take_the_same_path(
         async def device():
             client = MqttClient(mqtt_config(broker.url), "dev-hot")
             got: asyncio.Queue = asyncio.Queue()
-            client.subscribe("edge/gw-hot/infer/reply/dev-hot", lambda m: got.put_nowait(m), qos=1)
+            subscribed = client.subscribe("edge/gw-hot/infer/reply/dev-hot", lambda m: got.put_nowait(m), qos=1)
             await client.start()
             await client.wait_connected(10)
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(subscribed, 10)  # the SUBACK: the reply cannot be missed
             client.publish("edge/gw-hot/infer/request/dev-hot", msgpack.packb({"id": "d1", "prompt": "hello", "max_tokens": 5}), qos=1,
                            properties=MessageProperties(response_topic="edge/gw-hot/infer/reply/dev-hot"))
             message = await asyncio.wait_for(got.get(), 20)

@@ -20,6 +20,7 @@ _STATUS_TYPES = {
     401: ("authentication_error", "invalid_api_key"),
     404: (INVALID, "not_found"),
     405: (INVALID, "method_not_allowed"),
+    408: (INVALID, "request_timeout"),
     413: (INVALID, "request_too_large"),
     415: (INVALID, "unsupported_media_type"),
     429: ("rate_limit_error", "rate_limit_exceeded"),

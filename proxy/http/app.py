@@ -12,7 +12,7 @@ import secrets
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_server
 from aiohttp.abc import AbstractAccessLogger
 
 from edge_runtime import tracing
@@ -25,6 +25,7 @@ from ..core.breaker import OPEN
 from ..core.errors import JSON_CONTENT, SERVER, ApiError, from_http, invalid, status_error
 from ..core.request import CompletionRequest
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .bounds import ConnectionLimits, bound
 from .completions import respond
 from .openai_schema import parse_chat, parse_completion
 from .openapi import document
@@ -118,7 +119,11 @@ class Sidecar:
             raise status_error(415, f"Content-Type must be application/json, got {request.content_type!r}")
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
             raise status_error(413, f"request body of {request.content_length} bytes exceeds the limit of {self.config.max_body_bytes} bytes")
-        raw = await request.read()  # past client_max_size aiohttp raises its 413
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                raw = await request.read()  # past client_max_size aiohttp raises its 413
+        except TimeoutError:
+            raise status_error(408, f"request body not received within {self.config.body_timeout_s:g} s") from None
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
@@ -301,6 +306,10 @@ def build_app(config: ProxyConfig, parts: Parts | None = None) -> web.Applicatio
 
 
 class SidecarRunner(web.AppRunner):
+    async def _make_server(self) -> web_server.Server:
+        config = self.app[SIDECAR].config
+        return bound(await super()._make_server(), ConnectionLimits(config.max_connections, config.header_timeout_s))
+
     async def cleanup(self) -> None:
         """Stop listening (new connections are refused: clients go elsewhere, knowing nothing was
         sent), then give open connections DRAIN_S to carry one more answer, each saying
@@ -319,5 +328,6 @@ def make_runner(app: web.Application, config: ProxyConfig) -> web.AppRunner:
     for a client gone mid-request. Requests in flight get grace_s to finish on shutdown."""
     return SidecarRunner(
         app, handler_cancellation=True, shutdown_timeout=config.grace_s, access_log_class=AccessLogger,
+        keepalive_timeout=config.idle_timeout_s,
         access_log=logging.getLogger("proxy.access") if config.access_log else None,
     )

@@ -199,7 +199,13 @@ class CloudWorker:
         subscribed = [self.client.subscribe(self.subscription, self._on_request, qos=1),
                       self.client.subscribe(offload_cancel_topic(self.topics, "+"), self._on_cancel, qos=1)]
         log.info("cloud worker subscribed", extra={"filter": self.subscription, "backend": self.backend.name})
+        asyncio.gather(*subscribed).add_done_callback(self._acknowledged)
         return subscribed
+
+    def _acknowledged(self, subscribed: asyncio.Future[list[int]]) -> None:
+        """From the broker's SUBACKs on, requests reach this worker (a refusal is logged by the client)."""
+        if not subscribed.cancelled() and subscribed.exception() is None:
+            log.info("cloud worker subscriptions acknowledged", extra={"filter": self.subscription})
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Say `draining`, take no more requests; let those being served finish within
