@@ -95,11 +95,12 @@ def up(config_path: Path | None, engine_argv: list[str], sidecar_argv: list[str]
             failed = _dead(children)
             if failed is not None:
                 name, code = failed
+                del children[name]  # reported here; the finally stops the other
                 print(f"edge-runtime: error: the {name} exited with status {code} (its log is above); stopping", file=sys.stderr)
                 return 1
             return 0 if _stop(children, stop_timeout) else 1
         finally:
-            _stop(children, stop_timeout)
+            _stop(children, stop_timeout)  # those still running (an error, or a stop during the start)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -149,18 +150,19 @@ def _dead(children: dict[str, subprocess.Popen]) -> tuple[str, int] | None:
 
 def _stop(children: dict[str, subprocess.Popen], timeout_s: float) -> bool:
     """SIGTERM to each child still running, wait for all, kill what outlives the timeout; True
-    when every child exited 0."""
+    when every child exited 0. Each is reported once: it leaves `children` when reaped."""
     for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     end = time.monotonic() + timeout_s
     clean = True
-    for name, child in children.items():
+    for name, child in list(children.items()):
         try:
             code = child.wait(max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             code = child.wait()
+        del children[name]
         if code != 0:
             print(f"edge-runtime: error: the {name} exited with status {code} while stopping", file=sys.stderr)
         clean = clean and code == 0

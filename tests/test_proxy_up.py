@@ -187,3 +187,19 @@ def test_a_pushed_port_is_in_force_under_up_as_reported(tiny_model_dir, mosquitt
                 assert after["overridden"] == {"proxy.port": "--port"} and after["applied"] == {"gw-up": report["version"]}
             finally:
                 _stop(proc)
+
+
+def test_up_reports_a_child_that_failed_while_stopping_once(capsys):
+    """`up` stops its children on the way out and again in its `finally`: a child that exited
+    non-zero is named once, and a second stop finds nothing left to stop."""
+    from proxy.up import _stop
+
+    children = {"engine": subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"]),
+                "sidecar": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])}
+    children["engine"].wait()  # it failed before the stop
+    assert _stop(children, 30) is False
+    assert _stop(children, 30) is True and children == {}
+    lines = capsys.readouterr().err.splitlines()
+    assert lines.count("edge-runtime: error: the engine exited with status 3 while stopping") == 1
+    assert lines.count(f"edge-runtime: error: the sidecar exited with status {-signal.SIGTERM} while stopping") == 1
+    assert len(lines) == 2, lines

@@ -5,7 +5,11 @@ triggers an immediate attempt and waits for it only briefly, so it is answered 5
 A dead engine is noticed at once (its socket closes); a hung one by its status heartbeat: while
 connected, the link asks for the engine's status every HEARTBEAT_S, and an engine that leaves
 it unanswered for HUNG_AFTER_S is dropped like a dead one (its requests fail over, the link
-reconnects). The last status answered is kept (`last_status`) for the times the engine is away."""
+reconnects). The last status answered is kept (`last_status`) for the times the engine is away.
+
+Timeouts here are `asyncio.timeout`, never `asyncio.wait_for`: on Python 3.11, wait_for swallows a
+cancellation that arrives in the loop step in which the awaited thing finishes (a kick, a failed
+connect), and `_run` then loops on forever: `close()`, and with it the sidecar's shutdown, hung."""
 
 from __future__ import annotations
 
@@ -86,7 +90,8 @@ class EngineLink:
         """The engine's status answer, or None when it is unreachable or does not answer in time."""
         try:
             client = await self.client()
-            status = await asyncio.wait_for(client.status(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                status = await client.status()
         except (ApiError, EngineError, TimeoutError):
             return None
         self.last_status = status
@@ -103,7 +108,8 @@ class EngineLink:
         while True:
             self._kick.clear()
             try:
-                client = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    client = await self._connect()
             except (OSError, EngineError, TimeoutError, KeyError, IndexError) as exc:
                 self._attempts += 1
                 self._last_failure = loop.time()
@@ -112,7 +118,8 @@ class EngineLink:
                     log.warning("engine unreachable; retrying", extra={"socket": str(self.socket_path), "error": str(exc) or type(exc).__name__})
                     reported_down = True
                 try:
-                    await asyncio.wait_for(self._kick.wait(), backoff)
+                    async with asyncio.timeout(backoff):
+                        await self._kick.wait()
                 except TimeoutError:
                     pass
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -139,7 +146,8 @@ class EngineLink:
         while not client.closed:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                self.last_status = await asyncio.wait_for(client.status(), HUNG_AFTER_S)
+                async with asyncio.timeout(HUNG_AFTER_S):
+                    self.last_status = await client.status()
             except TimeoutError:
                 log.warning("engine answers no status; dropping the connection", extra={"after_s": HUNG_AFTER_S})
                 await client.abort()
