@@ -26,6 +26,7 @@ _GREEDY_BELOW = 1e-5
 _NUCLEUS_WINDOW = 64  # first guess at how many top tokens hold the top_p mass (fallback path)
 _CDF_BLOCK = 256  # block size of the two-level inverse CDF
 CANDIDATE_FLOOR = 1e-4  # tokens weighing less than this times the best token's are set aside first
+_WIDE_FLOOR = 1e-9  # top-k's second net when fewer than k tokens pass CANDIDATE_FLOOR
 
 
 class SamplingParams(wire.SamplingParams):
@@ -163,10 +164,12 @@ def _draw_row(weights: np.ndarray, cand: np.ndarray, total: float, sampler: Samp
     ids, w = cand, weights[cand].astype(np.float64)
     top_k = 0 < p.top_k < weights.shape[0]
     if top_k:
-        if ids.shape[0] < p.top_k:  # too few candidates: the k best of the whole vocabulary
-            ids = np.argpartition(weights, -p.top_k)[-p.top_k :]
+        if ids.shape[0] < p.top_k:  # too few candidates: a wider net (one pass, cheaper than a partition)
+            ids = np.flatnonzero(weights >= np.float32(_WIDE_FLOOR))
+            if ids.shape[0] < p.top_k:  # the k best of the whole vocabulary
+                ids = np.argpartition(weights, -p.top_k)[-p.top_k :]
             w = weights[ids].astype(np.float64)
-        elif ids.shape[0] > p.top_k:
+        if ids.shape[0] > p.top_k:  # (the k best above a floor are the k best of all)
             best = np.argpartition(w, -p.top_k)[-p.top_k :]
             ids, w = ids[best], w[best]
         total = float(w.sum())  # the k tokens are the whole distribution now

@@ -111,6 +111,18 @@ def test_top_k_wider_than_the_candidates_takes_the_k_best_of_the_vocabulary():
     assert chi2 < dof + 6 * np.sqrt(2 * dof)
 
 
+def test_top_k_past_the_wide_net_takes_the_k_best_of_the_whole_vocabulary():
+    """Fewer than k tokens clear even the second floor: the k best of all, the far tail included."""
+    logits = np.full(VOCAB, -40.0, np.float32) - np.arange(VOCAB, dtype=np.float32) * 1e-3
+    logits[[3, 11, 29]] = [0.0, -0.5, -1.0]
+    params = dict(temperature=1.0, top_k=8)
+    probs = reference_probs(logits, **params)
+    draws = draw(SamplingParams(seed=6, **params), logits, 3000)
+    assert probs[draws].min() > 0
+    chi2, dof = chi2_against(draws, probs)
+    assert chi2 < dof + 6 * np.sqrt(2 * dof)
+
+
 def test_a_row_draws_the_same_alone_or_in_a_mixed_batch():
     """Each row uses its own RNG, parameters and penalties, whatever shares its batch."""
     kinds = [dict(temperature=0.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.2, top_k=5, repetition_penalty=1.3),
