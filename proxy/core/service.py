@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-
 from edge_runtime.client import EngineError
 
 from .. import spans
@@ -141,11 +140,16 @@ class CompletionService:
         try:
             return await self._first(attempt.route.frames, req, attempt.deadline, caller)
         except PathLost as lost:
-            await self._move(attempt, lost, req, caller)
+            return await self._first_elsewhere(attempt, lost, req, caller)
+
+    async def _first_elsewhere(self, attempt: _Attempt, lost: PathLost, req: CompletionRequest,
+                               caller: Caller) -> dict[str, Any]:
+        """Move the request (once) and return the new path's first frame; a second loss ends it."""
+        await self._move(attempt, lost, req, caller)
         try:
             return await self._first(attempt.route.frames, req, attempt.deadline, caller)
-        except PathLost as lost:
-            raise lost.error from None
+        except PathLost as again:
+            raise again.error from None
 
     async def _move(self, attempt: _Attempt, lost: PathLost, req: CompletionRequest, caller: Caller) -> None:
         """Put the request on another path (once), or raise the lost path's error."""
@@ -208,11 +212,8 @@ class CompletionService:
             except PathLost as lost:
                 if req.stream or answer.blocked is not None:  # its start reached the client
                     raise lost.error from None
-                await self._move(attempt, lost, req, caller)  # a plain answer: nothing was released yet
-                try:
-                    frame = await self._first(attempt.route.frames, req, attempt.deadline, caller)
-                except PathLost as again:
-                    raise again.error from None
+                # A plain answer: nothing was released yet.
+                frame = await self._first_elsewhere(attempt, lost, req, caller)
                 answer, last = Answer(safety, req.logprobs), time.perf_counter()
             except EngineError as exc:
                 raise from_engine(exc, req.prompt_field) from None

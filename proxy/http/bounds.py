@@ -72,16 +72,17 @@ class BoundedRequestHandler(web_protocol.RequestHandler):
 
     def log_access(self, request: web.BaseRequest, response: web.StreamResponse, time: float | None) -> None:
         self.last_active = self._loop.time()
-        if self._head_timer is not None:  # the next request's head starts its own clock
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._stop_head_timer()  # the next request's head starts its own clock
         super().log_access(request, response, time)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

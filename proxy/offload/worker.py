@@ -191,7 +191,7 @@ class CloudWorker:
         self._state = protocol.ONLINE
         self.served = 0
         # The broker empties the presence topic when this worker's connection dies.
-        client.will = OutMessage(self.presence_topic, b"", qos=1, retain=True)
+        client.will = self._gone()
         client.on_connect(self._announce)
 
     def start(self) -> list[asyncio.Future[int]]:
@@ -226,7 +226,11 @@ class CloudWorker:
 
     def farewell(self) -> list[OutMessage]:
         """The last word at a clean stop: the presence topic emptied (gone), as the Will would."""
-        return [OutMessage(self.presence_topic, b"", qos=1, retain=True)]
+        return [self._gone()]
+
+    def _gone(self) -> OutMessage:
+        """The presence topic emptied: what the Will and a clean stop both publish."""
+        return OutMessage(self.presence_topic, b"", qos=1, retain=True)
 
     def _announce(self) -> None:
         payload = protocol.presence_payload(self._state, self.worker_id)
@@ -308,7 +312,6 @@ class CloudWorker:
                      trace: dict[str, str] | None) -> None:
         numbers = itertools.count(1)
         sent = _Sent()
-
         outcome = "failed"
         beat = None
         try:
