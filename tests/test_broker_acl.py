@@ -196,3 +196,27 @@ def test_the_sdk_device_client_works_under_the_shipped_acl(shipped, fleet):
 def test_the_gateway_sees_the_workers_presence_under_the_shipped_acl(shipped, fleet):
     gw, _ = fleet
     wait_for(lambda: gw.run(lambda: gw.services.offloader.workers_online) == 1, timeout=10, what="the worker's presence")
+
+
+def test_a_client_cannot_clear_or_forge_a_workers_presence_under_the_shipped_acl(shipped, fleet):
+    """An emptied presence makes gateways fail over the worker's requests and a forged one would
+    draw requests to nobody: only the worker itself may write its presence topic."""
+    gw, _ = fleet
+    wait_for(lambda: gw.run(lambda: gw.services.offloader.workers_online) == 1, timeout=10, what="the worker's presence")
+
+    async def main():
+        attacker = await connected(shipped, "dev-a")
+        try:
+            attempts = [attacker.publish("edge/offload/worker/cloud-1", b"", qos=1, retain=True),
+                        attacker.publish("edge/offload/worker/dev-a", b"\x81\xa5state\xa6online", qos=1, retain=True)]
+            await asyncio.wait(attempts)  # each answered by the broker's PUBACK
+            answer = await post(f"{gw.url}/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                                   "max_tokens": 3})
+            return attempts, answer
+        finally:
+            await attacker.stop()
+
+    attempts, (status, headers, _) = asyncio.run(main())
+    assert all(isinstance(a.exception(), MqttError) for a in attempts)  # MQTT v5: PUBACK "not authorized"
+    assert list(gw.run(lambda: gw.services.offloader.workers).values()) == ["online"]  # the one real worker, still online
+    assert (status, headers["x-served-by"]) == (200, "cloud")  # the worker still serves this gateway
