@@ -18,8 +18,8 @@ from .config import DEVICES, load_config
 from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
 
-_SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "device", "queue_size", "prefix_cache_mb", "grace_s",
-                    "log_level")
+_SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "device", "queue_size", "kv_cache_mb",
+                    "prefix_cache_mb", "grace_s", "log_level")
 
 COMMANDS = "edge_runtime.commands"  # entry-point group of the subcommands other packages add
 
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--device", choices=DEVICES, help="cpu (default), cuda or tensorrt (docs/jetson.md)")
     s.add_argument("--queue-size", type=int)
+    s.add_argument("--kv-cache-mb", type=float)
     s.add_argument("--prefix-cache-mb", type=float)
     s.add_argument("--grace", dest="grace_s", type=float, help="seconds running streams may finish after SIGTERM")
     s.add_argument("--log-level", choices=LOG_LEVELS)

@@ -42,8 +42,11 @@ class EngineConfig(Table):
     trt_workspace_mb: Annotated[int, Meta(ge=1, description="TensorRT's scratch memory limit (device tensorrt)")] = 1024
     queue_size: Annotated[int, Meta(ge=1, description="requests waiting for a slot before the engine answers busy")] = 64
     prefill_chunk: Annotated[int, Meta(ge=1, description="prompt tokens prefilled per step")] = 256
+    kv_cache_mb: Annotated[float, Meta(gt=0, description=(
+        "KV memory of live sequences and the prefix cache together; requests wait for room "
+        "(sizing: docs/engine-performance.md)"))] = 1024.0
     prefix_cache_mb: Annotated[float, Meta(ge=0, description=(
-        "prefix KV cache budget; 0: off (sizing: docs/engine-performance.md)"))] = 64.0
+        "the prefix KV cache's cap within kv_cache_mb: it holds what live sequences leave, up to this; 0: off"))] = 64.0
     prefix_block: Annotated[int, Meta(ge=1, le=4096, description="tokens per prefix-cache block")] = 32
     warmup_prompts: Annotated[tuple[WarmupPrompt, ...], Meta(
         description='prefixes cached at start: "raw text" or {system = "..."}')] = ()

@@ -1,7 +1,8 @@
 """Prefix KV cache ("hot prompts"): KV state of prompt prefixes, in blocks of `block` tokens,
 keyed by a hash chained over the tokens of the block and every block before it (so a key
 names the whole prefix), shared by all requests and evicted least-recently-used under a byte
-budget."""
+budget. Within that budget it holds only what live sequences leave of the engine's KV budget:
+the scheduler lowers its limit (shrink_to) as their KV cache grows and raises it as they end."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def block_keys(prompt_ids: list[int], block: int) -> list[bytes]:
 
 class PrefixCache:
     def __init__(self, budget_bytes: int, block: int) -> None:
-        self.budget_bytes = budget_bytes
+        self.budget_bytes = budget_bytes  # its own cap (prefix_cache_mb)
+        self.limit_bytes = budget_bytes  # what it may hold now: the cap, or less while live sequences need the room
         self.block = block
         self._blocks: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()  # status() reads from other threads
@@ -72,19 +74,30 @@ class PrefixCache:
             for i in missing:
                 offset = (i - missing[0]) * self.block
                 block_kv = np.ascontiguousarray(kv[:, :, :, offset : offset + self.block])
-                if block_kv.nbytes > self.budget_bytes:
-                    return
+                if block_kv.nbytes > self.limit_bytes:
+                    break
                 self._blocks[keys[i]] = block_kv
                 self.bytes_used += block_kv.nbytes
-            while self.bytes_used > self.budget_bytes:
-                _, evicted = self._blocks.popitem(last=False)
-                self.bytes_used -= evicted.nbytes
-                self.evictions += 1
+            self._evict_to(self.limit_bytes)
+
+    def shrink_to(self, limit_bytes: int) -> None:
+        """Hold at most `limit_bytes` (never more than the cache's own budget) from now on,
+        evicting least-recently-used blocks to get there; a higher limit lets it grow again."""
+        with self._lock:
+            self.limit_bytes = max(0, min(limit_bytes, self.budget_bytes))
+            self._evict_to(self.limit_bytes)
+
+    def _evict_to(self, limit_bytes: int) -> None:
+        """Drop least-recently-used blocks until at most `limit_bytes` are held (lock held)."""
+        while self.bytes_used > limit_bytes:
+            _, evicted = self._blocks.popitem(last=False)
+            self.bytes_used -= evicted.nbytes
+            self.evictions += 1
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
                 "blocks": len(self._blocks), "block_tokens": self.block, "bytes_used": self.bytes_used,
-                "budget_bytes": self.budget_bytes, "hits": self.hits, "misses": self.misses,
+                "budget_bytes": self.budget_bytes, "limit_bytes": self.limit_bytes, "hits": self.hits, "misses": self.misses,
                 "tokens_saved": self.tokens_saved, "evictions": self.evictions,
             }

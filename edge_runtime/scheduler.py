@@ -1,7 +1,13 @@
 """Continuous batching: one engine thread owns the backend. Between decode steps it admits
 queued requests into free KV slots (reusing cached prompt prefixes), runs at most one prefill
 chunk for a newcomer, then one decode step for every running sequence in a single forward.
-Sequences leave the batch the moment they finish, are cancelled or pass their deadline."""
+Sequences leave the batch the moment they finish, are cancelled or pass their deadline.
+
+One KV budget covers the live sequences' KV cache and the prefix cache's blocks: a queued
+request is admitted only when the live KV cache with it fits the budget (the first in line
+waits; nothing overtakes it), and the prefix cache holds only what the live sequences leave.
+A request is always admitted when nothing runs, and running sequences may grow past the
+budget while they decode: they are never stopped for it."""
 
 from __future__ import annotations
 
@@ -99,6 +105,7 @@ class Scheduler:
         prefill_chunk: int = 256,
         prefix_cache_bytes: int = 0,
         prefix_block: int = 32,
+        kv_budget_bytes: int = 1 << 30,  # kv_cache_mb's default
         model_info: dict[str, Any] | None = None,
     ) -> None:
         self.backend = backend
@@ -106,6 +113,7 @@ class Scheduler:
         self.queue_size = queue_size
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes > 0 else None
+        self.kv_budget_bytes = kv_budget_bytes  # live KV plus the prefix cache's blocks
         self.model_info = model_info or {}
         self._queue: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # admitted: prefilling or decoding
@@ -160,6 +168,7 @@ class Scheduler:
             used_tokens = sum(self.backend.seq_len(s.slot) for s in self._running if s.slot >= 0)
             wait = self._estimated_wait()
         per_token = self.backend.kv_bytes_per_token()
+        prefix = self.prefix_cache.stats() if self.prefix_cache else None
         return {
             "queue_depth": queued,
             "queue_size": self.queue_size,
@@ -176,8 +185,10 @@ class Scheduler:
                 "bytes_allocated": self.backend.kv_bytes_allocated(),
                 "tokens_used": used_tokens,
                 "bytes_used": used_tokens * per_token,
+                "prefix_bytes": prefix["bytes_used"] if prefix else 0,
+                "budget_bytes": self.kv_budget_bytes,
             },
-            "prefix_cache": self.prefix_cache.stats() if self.prefix_cache else None,
+            "prefix_cache": prefix,
             "model": self.model_info,
         }
 
@@ -214,6 +225,7 @@ class Scheduler:
                 if self._stop and not self._running and not self._queue:
                     return
                 admitted = self._admit()
+                self._yield_prefix_room()
                 if not self._running:
                     self._wake.wait(timeout=0.5)
                     continue
@@ -232,9 +244,13 @@ class Scheduler:
         self._cancel.clear()
 
     def _admit(self) -> list[_Sequence]:
-        """Move queued requests into the batch while slots are free (lock held)."""
+        """Move queued requests into the batch, in order, while slots are free and the live KV
+        cache with each fits the budget; anything fits when nothing runs (lock held)."""
         admitted = []
         while self._queue and len(self._running) < self.backend.max_batch:
+            newcomer = (self.backend.next_slot(), len(self._queue[0].request.prompt_ids) + 1)
+            if self._running and self._kv_need(newcomer) > self.kv_budget_bytes:
+                break  # it waits for running sequences to end
             seq = self._queue.popleft()
             seq.slot = self.backend.allocate()
             seq.admitted_at = seq.request.admitted_at = time.monotonic()
@@ -243,6 +259,22 @@ class Scheduler:
             self._running.append(seq)
             admitted.append(seq)
         return admitted
+
+    def _kv_need(self, newcomer: tuple[int, int] | None = None) -> int:
+        """Bytes the live KV cache needs once every running sequence (and a newcomer: its slot
+        and tokens) has its prompt in and room for its next token (lock held)."""
+        held = [(s.slot, self.backend.seq_len(s.slot) + s.pending.size + 1) for s in self._running]
+        if newcomer:
+            held.append(newcomer)
+        if not held:
+            return self.backend.kv_bytes_allocated()
+        return self.backend.kv_bytes_if(max(slot for slot, _ in held) + 1, max(tokens for _, tokens in held))
+
+    def _yield_prefix_room(self) -> None:
+        """Limit the prefix cache to what the live sequences leave of the budget before the
+        step that may grow their KV cache, evicting its oldest blocks (lock held)."""
+        if self.prefix_cache:
+            self.prefix_cache.shrink_to(self.kv_budget_bytes - self._kv_need())
 
     def _place(self, seq: _Sequence) -> None:
         """Start a newly admitted sequence from the longest cached prefix of its prompt."""

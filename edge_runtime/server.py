@@ -17,6 +17,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -569,9 +570,10 @@ def serve(config: EngineConfig) -> int:
     notify("STATUS=warming up")
     preparer = RequestPreparer(tokenizer, backend.vocab_size)
     warm_engine(backend, preparer, config.prefill_chunk, shapes=config.warm_shapes)  # before the scheduler owns the backend
+    kv_budget_bytes, prefix_cache_bytes = kv_budgets(config, backend)
     scheduler = Scheduler(
         backend, tokenizer, queue_size=config.queue_size, prefill_chunk=config.prefill_chunk,
-        prefix_cache_bytes=int(config.prefix_cache_mb * 2**20), prefix_block=config.prefix_block, model_info=info,
+        prefix_cache_bytes=prefix_cache_bytes, prefix_block=config.prefix_block, kv_budget_bytes=kv_budget_bytes, model_info=info,
     )
     scheduler.start()
     if config.warmup_prompts and config.prefix_cache_mb > 0:
@@ -590,6 +592,22 @@ def serve(config: EngineConfig) -> int:
     server.preparer = preparer  # the warmed one (a cached_property: this sets its value)
     asyncio.run(_serve_until_stopped(server))
     return 0
+
+
+def kv_budgets(config: EngineConfig, backend: Any) -> tuple[int, int]:
+    """The KV budget and the prefix cache's cap, in bytes. Refuses a budget that cannot hold one
+    sequence of max_context tokens (it could never run); caps the prefix cache at the budget."""
+    budget = int(config.kv_cache_mb * 2**20)
+    one_sequence = backend.kv_bytes_if(1, backend.max_context)
+    if budget < one_sequence:
+        least = math.ceil(one_sequence / 2**20 * 100) / 100
+        raise ConfigError(f"kv_cache_mb = {config.kv_cache_mb:g} cannot hold one sequence of max_context = {backend.max_context} "
+                          f"tokens ({backend.kv_bytes_per_token()} bytes each): set it to at least {least:g} MB")
+    prefix = int(config.prefix_cache_mb * 2**20)
+    if prefix > budget:
+        log.warning("prefix_cache_mb = %g is more than kv_cache_mb = %g: the prefix cache gets at most kv_cache_mb",
+                    config.prefix_cache_mb, config.kv_cache_mb)
+    return budget, min(prefix, budget)
 
 
 async def _serve_until_stopped(server: EngineServer) -> None:

@@ -78,8 +78,8 @@ class Metrics:
         self.llm_generation_tokens = Counter("edge_generation_tokens", "Tokens generated", registry=r)
         self.num_running = Gauge("edge_num_requests_running", "Requests holding a KV slot in the engine", registry=r)
         self.num_waiting = Gauge("edge_num_requests_waiting", "Requests waiting for a KV slot in the engine", registry=r)
-        self.kv_usage = Gauge("edge_kv_cache_usage_perc", "KV-cache usage of the engine: tokens held over slots x "
-                              "context (0 to 1)", registry=r)
+        self.kv_usage = Gauge("edge_kv_cache_usage_perc", "KV-cache usage of the engine: live sequences' KV memory "
+                              "over the KV budget (0 to 1; the prefix cache yields to them)", registry=r)
         self._engine = _EngineStatus()
         r.register(self._engine)
         self._request_children: dict[tuple[str, int], Any] = {}
@@ -142,11 +142,12 @@ class Metrics:
 
 
 def _kv_usage(kv: Any) -> float:
-    """The share of the engine's KV capacity (every slot filled to the context) holding tokens."""
+    """The share of the engine's KV budget its live sequences hold. The prefix cache's blocks
+    are left out, as vLLM leaves out its evictable cached blocks: they give way to new requests."""
     if not isinstance(kv, dict):
         return 0.0
-    capacity = kv.get("slots", 0) * kv.get("max_context", 0)
-    return min(1.0, kv.get("tokens_used", 0) / capacity) if capacity > 0 else 0.0
+    budget = kv.get("budget_bytes", 0)
+    return min(1.0, kv.get("bytes_allocated", 0) / budget) if budget > 0 else 0.0
 
 
 class _EngineStatus(Collector):
@@ -165,8 +166,11 @@ class _EngineStatus(Collector):
                                 ("edge_prefix_cache_tokens_saved", "tokens_saved", "Prompt tokens not prefilled: taken "
                                  "from the prefix cache")):
             yield CounterMetricFamily(name, text, value=cache.get(key, 0))
-        kv_bytes = GaugeMetricFamily("edge_kv_cache_bytes", "KV-cache memory of the engine: allocated, and holding tokens",
+        kv_bytes = GaugeMetricFamily("edge_kv_cache_bytes", "KV-cache memory of the engine: allocated to live sequences, "
+                                     "holding their tokens, held by the prefix cache, and the budget of live plus prefix",
                                      labels=["state"])
         kv_bytes.add_metric(["allocated"], kv.get("bytes_allocated", 0))
         kv_bytes.add_metric(["used"], kv.get("bytes_used", 0))
+        kv_bytes.add_metric(["prefix"], kv.get("prefix_bytes", 0))
+        kv_bytes.add_metric(["budget"], kv.get("budget_bytes", 0))
         yield kv_bytes

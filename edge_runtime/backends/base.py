@@ -17,6 +17,9 @@ class Backend(Protocol):
     def allocate(self) -> int:
         """Reserve an empty KV slot and return its id; raises RuntimeError when none is free."""
 
+    def next_slot(self) -> int:
+        """The slot allocate() would hand out now; raises RuntimeError when none is free."""
+
     def free(self, slot: int) -> None:
         """Release a slot and its KV state."""
 
@@ -37,6 +40,10 @@ class Backend(Protocol):
     def kv_bytes_allocated(self) -> int:
         """Bytes the KV cache holds now (it grows with the tokens held and shrinks as
         sequences end)."""
+
+    def kv_bytes_if(self, rows: int, tokens: int) -> int:
+        """Bytes the KV cache will hold once it has room for slots [0, rows) of `tokens`
+        positions each (it grows to what the longest sequence needs; it never shrinks for this)."""
 
     def export_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         """A copy of the slot's KV state for positions [start, end):

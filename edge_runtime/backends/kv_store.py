@@ -46,6 +46,10 @@ class KVStore:
     def bytes_allocated(self) -> int:
         return self.rows * self.capacity * self.bytes_per_token()
 
+    def bytes_if(self, rows: int, tokens: int) -> int:
+        """What bytes_allocated() will be once reserve(rows, tokens) has run: it only grows."""
+        return max(rows, self.rows) * max(capacity_for(tokens, self.max_context), self.capacity) * self.bytes_per_token()
+
     def row_bytes(self) -> int:
         """Bytes of one row of one layer's key (or value) tensor."""
         return self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize

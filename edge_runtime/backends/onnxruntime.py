@@ -55,10 +55,14 @@ class OnnxRuntimeBackend:
     # -- slots --------------------------------------------------------------------------
 
     def allocate(self) -> int:
+        slot = self.next_slot()
+        self._in_use[slot] = True
+        self._lens[slot] = 0
+        return slot
+
+    def next_slot(self) -> int:
         for slot, used in enumerate(self._in_use):  # lowest first keeps decode batches dense
             if not used:
-                self._in_use[slot] = True
-                self._lens[slot] = 0
                 return slot
         raise RuntimeError("no free KV slot")
 
@@ -79,6 +83,9 @@ class OnnxRuntimeBackend:
 
     def kv_bytes_allocated(self) -> int:
         return self.kv.bytes_allocated()
+
+    def kv_bytes_if(self, rows: int, tokens: int) -> int:
+        return self.kv.bytes_if(rows, tokens)
 
     def export_kv(self, slot: int, start: int, end: int) -> np.ndarray:
         return self.kv.export(slot, start, end)
