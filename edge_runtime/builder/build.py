@@ -29,7 +29,7 @@ from .trt_graph import build_trt_graph
 
 log = logging.getLogger("edge_runtime.build")
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: INT4 block sums come out of the layer's own MatMulNBits
 DEFAULT_INT8_FORM = "nbits"  # as fast as "dq" and far closer to fp32: bench/int8_forms.py
 DEFAULT_MAX_CONTEXT = 8192
 # Graph flavour -> (graph writer, its weight forms beside fp32, the default INT8 one). "ort": ONNX

@@ -20,7 +20,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
-from .quantize import BlockInt8, PerChannelInt8, quantize_blocks, quantize_blocks4, quantize_per_channel
+from .quantize import (
+    BlockInt8,
+    PerChannelInt8,
+    quantize_blocks,
+    quantize_blocks4,
+    quantize_per_channel,
+    with_block_sums,
+)
 from .spec import ModelSpec
 
 MS = "com.microsoft"
@@ -108,13 +115,13 @@ class GraphWriter:
             return self.op1("DynamicQuantizeMatMul", inputs, domain=MS)
         if self.quant.startswith("int4") and not int8:
             q4 = quantize_blocks4(w)
-            y = self.op1(
-                "MatMulNBits",
-                [x, self.const(f"{name}.qweight", q4.blob), self.const(f"{name}.scale", q4.scale.reshape(-1))],
-                domain=MS, K=k, N=n, bits=4, block_size=q4.block, accuracy_level=4,
+            blob, scale = with_block_sums(q4)
+            n_blocks = k // q4.block
+            product_and_sums = self.op1(
+                "MatMulNBits", [x, self.const(f"{name}.qweight", blob), self.const(f"{name}.scale", scale.reshape(-1))],
+                domain=MS, K=k, N=n + n_blocks, bits=4, block_size=q4.block, accuracy_level=4,
             )
-            blocks = self.op1("Reshape", [x, self.const(f"shape_blocks_{q4.block}", np.array([0, 0, -1, q4.block]))])
-            block_sums = self.op1("ReduceSum", [blocks, self.const("axes_last", np.array([-1]))], keepdims=0)
+            y, block_sums = self.op("Split", [product_and_sums, self.const(f"split_{n}_{n_blocks}", np.array([n, n_blocks]))], 2, axis=-1)
             y = self.op1("Add", [y, self.op1("MatMul", [block_sums, self.const(f"{name}.offset", q4.offset)])])
         elif self.quant in ("nbits", "int4", "int4-head4"):
             q = quantize_blocks(w)

@@ -7,7 +7,7 @@ INT4 for MatMulNBits.
   tensor at run time). As fast at batch 1, but per-tensor activation scales lose too much on
   small LLMs (see bench/int8_forms.py for both, speed and logit divergence, on this machine).
 - `int4`: block-wise (32) 4-bit weights for `MatMulNBits` (accuracy_level 4), each block's 16
-  levels spanning its minimum to its maximum with a float zero point (llama.cpp's Q4_1 rule).
+  levels spanning its minimum to its maximum with a float offset (llama.cpp's Q4_1 rule).
 """
 
 from __future__ import annotations
@@ -79,3 +79,14 @@ def quantize_blocks4(w: np.ndarray, block: int = NBITS_BLOCK) -> BlockInt4:
     q = np.clip(np.rint((blocks - lo[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
     offset = (lo + 8 * scale).astype(np.float32)  # MatMulNBits' default zero point is 8
     return BlockInt4((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale, np.ascontiguousarray(offset.T), k, block)
+
+
+def with_block_sums(q4: BlockInt4) -> tuple[np.ndarray, np.ndarray]:
+    """(blob, scale) of q4's weights followed by one output per block that sums the input over
+    that block: level 9 (weight 1) in its block, level 8 (weight 0) elsewhere, scale 1. One
+    MatMulNBits then gives the product and the block sums the offsets need, both from the same
+    int8-quantized activations, as llama.cpp's Q4_1 x Q8_1 dot product takes its block sums."""
+    n_blocks = q4.k // q4.block
+    sums = np.full((n_blocks, n_blocks, q4.block // 2), 0x88, np.uint8)
+    sums[np.arange(n_blocks), np.arange(n_blocks)] = 0x99
+    return np.concatenate([q4.blob, sums]), np.concatenate([q4.scale, np.ones((n_blocks, n_blocks), np.float32)])
