@@ -1,8 +1,10 @@
 """What the benchmark scripts share: the default model, the fixed prompt, our model builds
-(cached), machine facts and the results files (JSON plus a markdown summary)."""
+(cached), machine facts, waiting for a quiet machine and the results files (JSON plus a markdown
+summary)."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -11,9 +13,10 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from edge_runtime.builder.build import BuildOptions, build
 
@@ -173,6 +176,72 @@ def cpu_busy(seconds: float = 2.0) -> float:
     start = CpuSnapshot.now()
     time.sleep(seconds)
     return CpuSnapshot.now().others_busy_since(start)
+
+
+BUSY = 0.1  # share of the CPUs busy with other work above which timings are likely skewed
+QUIET_WINDOWS = 3  # consecutive 2-s windows under BUSY that count as a quiet machine
+T = TypeVar("T")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by a running process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pids: Iterable[int]) -> CpuSnapshot:
+    """CpuSnapshot.now(), counting these running (not yet waited-for) servers as ours too."""
+    snap = CpuSnapshot.now()
+    return replace(snap, ours_s=snap.ours_s + sum(proc_cpu_s(pid) for pid in pids))
+
+
+async def wait_idle(pids: Sequence[int], limit_s: float, what: str) -> None:
+    """Wait, up to limit_s, until other work (anything but us and the servers `pids`) keeps under
+    BUSY of the CPUs for QUIET_WINDOWS windows of 2 s in a row (the servers being idle
+    meanwhile): other sessions' jobs on a shared machine come in bursts and skew timings badly."""
+    if limit_s <= 0:
+        return
+    end = time.monotonic() + limit_s
+    said = False
+    quiet = 0
+    while True:
+        start = cpu_snapshot(pids)
+        await asyncio.sleep(2.0)
+        busy = cpu_snapshot(pids).others_busy_since(start)
+        quiet = quiet + 1 if busy <= BUSY else 0
+        if quiet >= QUIET_WINDOWS:
+            return
+        if busy <= BUSY:
+            continue
+        if time.monotonic() >= end:
+            print(f"warning: {100 * busy:.0f}% of the CPUs still busy with other work; measuring {what} anyway",
+                  file=sys.stderr, flush=True)
+            return
+        if not said:
+            print(f"{100 * busy:.0f}% of the CPUs busy with other work: waiting before {what}", file=sys.stderr, flush=True)
+            said = True
+
+
+async def undisturbed(pids: Sequence[int], wait_idle_s: float, max_discards: int, what: str,
+                      run: Callable[[], Awaitable[T]]) -> tuple[T, float, int]:
+    """run() once the machine is quiet; when other work took more than BUSY of the CPUs
+    meanwhile, discard its result, wait for quiet (wait_idle) and run it again, at most
+    max_discards times. Returns the result, the other-work share while it ran, and how many
+    were discarded."""
+    discarded = 0
+    while True:
+        start = cpu_snapshot(pids)
+        result = await run()
+        busy = cpu_snapshot(pids).others_busy_since(start)
+        if busy <= BUSY or discarded >= max_discards:
+            return result, busy, discarded
+        discarded += 1
+        print(f"{what}: {100 * busy:.0f}% of the CPUs busy with other work meanwhile; discarded, measuring again",
+              file=sys.stderr, flush=True)
+        await wait_idle(pids, wait_idle_s, what)
 
 
 def machine_info() -> dict[str, object]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
 import statistics
@@ -28,10 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import benchlib
 
@@ -39,8 +37,7 @@ from edge_runtime.builder.build import BuildOptions
 from edge_runtime.client import EngineClient
 from edge_runtime.tokenizer import Tokenizer
 
-T = TypeVar("T")
-BUSY = 0.1  # share of the CPUs busy with other work above which timings are likely skewed
+BUSY = benchlib.BUSY
 OURS = "ours-int8"
 BASELINE = "llama.cpp"
 START_TIMEOUT_S = 300.0  # loading (and, the first time, building) a model
@@ -127,21 +124,6 @@ def question(j: int) -> str:
 # ---------------------------------------------------------------------------------------------- servers
 
 
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by a running process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_snapshot(pid: int) -> benchlib.CpuSnapshot:
-    """benchlib's snapshot, counting the (not yet waited-for) server process as ours too."""
-    snap = benchlib.CpuSnapshot.now()
-    return replace(snap, ours_s=snap.ours_s + proc_cpu_s(pid))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -180,53 +162,6 @@ class Server:
                 self.proc.wait()
         self._log.close()
         RUNNING.discard(self)
-
-
-QUIET_WINDOWS = 3  # consecutive 2-s windows under BUSY that count as a quiet machine
-
-
-async def wait_idle(server: Server, limit_s: float, what: str) -> None:
-    """Wait, up to limit_s, until other work keeps under BUSY of the CPUs for QUIET_WINDOWS
-    windows of 2 s in a row (the server being idle meanwhile): other sessions' jobs on a shared
-    machine come in bursts and skew timings badly."""
-    if limit_s <= 0:
-        return
-    end = time.monotonic() + limit_s
-    said = False
-    quiet = 0
-    while True:
-        start = cpu_snapshot(server.proc.pid)
-        await asyncio.sleep(2.0)
-        busy = cpu_snapshot(server.proc.pid).others_busy_since(start)
-        quiet = quiet + 1 if busy <= BUSY else 0
-        if quiet >= QUIET_WINDOWS:
-            return
-        if busy <= BUSY:
-            continue
-        if time.monotonic() >= end:
-            print(f"warning: {100 * busy:.0f}% of the CPUs still busy with other work; measuring {what} anyway",
-                  file=sys.stderr, flush=True)
-            return
-        if not said:
-            print(f"{100 * busy:.0f}% of the CPUs busy with other work: waiting before {what}", file=sys.stderr, flush=True)
-            said = True
-
-
-async def undisturbed(engine: Engine, args: argparse.Namespace, what: str, run: Callable[[], Awaitable[T]]) -> tuple[T, float, int]:
-    """run() once the machine is quiet; when other work took more than BUSY of the CPUs
-    meanwhile, discard its result, wait for quiet and run it again, at most args.max_discards
-    times. Returns the result, the other-work share while it ran, and how many were discarded."""
-    discarded = 0
-    while True:
-        start = cpu_snapshot(engine.server.proc.pid)
-        result = await run()
-        busy = cpu_snapshot(engine.server.proc.pid).others_busy_since(start)
-        if busy <= BUSY or discarded >= args.max_discards:
-            return result, busy, discarded
-        discarded += 1
-        print(f"{what}: {100 * busy:.0f}% of the CPUs busy with other work meanwhile; discarded, measuring again",
-              file=sys.stderr, flush=True)
-        await wait_idle(engine.server, args.wait_idle, what)
 
 
 @dataclass
@@ -417,12 +352,13 @@ async def throughput(engine: Engine, prompts: list[list[int]], args: argparse.Na
     out = []
     for n in args.stream_counts:
         what = f"{engine.name} with {n} streams"
-        await wait_idle(engine.server, args.wait_idle, what)
+        await benchlib.wait_idle([engine.server.proc.pid], args.wait_idle, what)
         await asyncio.gather(*(engine.stream(p, args.gen_tokens) for p in prompts[:n]))  # warm-up round
         rounds, discarded = [], 0
         for _ in range(args.repeats):
-            results, busy, dropped = await undisturbed(
-                engine, args, what, lambda n=n: asyncio.gather(*(engine.stream(p, args.gen_tokens) for p in prompts[:n])))
+            results, busy, dropped = await benchlib.undisturbed(
+                [engine.server.proc.pid], args.wait_idle, args.max_discards, what,
+                lambda n=n: asyncio.gather(*(engine.stream(p, args.gen_tokens) for p in prompts[:n])))
             rounds.append({**round_figures(list(results)), "cpu_busy_with_other_work": round(busy, 3)})
             discarded += dropped
         summary = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
@@ -476,7 +412,7 @@ async def ttft_cached_vs_cold(engine: Engine, prompts: TtftPrompts, args: argpar
     question, a new system prompt (cold). One request at a time; a disturbed pair is measured
     again with the next unused question and system prompt (a repeated one would be cached)."""
     what = f"{engine.name} TTFT"
-    await wait_idle(engine.server, args.wait_idle, what)
+    await benchlib.wait_idle([engine.server.proc.pid], args.wait_idle, what)
     await engine.stream(prompts.shapes, gen, cache_prompt=True)
     await engine.stream(prompts.warm, 1, cache_prompt=True)
     fresh = iter(zip(prompts.cached, prompts.cold))
@@ -487,7 +423,7 @@ async def ttft_cached_vs_cold(engine: Engine, prompts: TtftPrompts, args: argpar
 
     cached, cold, busy, discarded = [], [], [], 0
     for _ in range(args.ttft_runs):
-        (c, k), b, dropped = await undisturbed(engine, args, what, pair)
+        (c, k), b, dropped = await benchlib.undisturbed([engine.server.proc.pid], args.wait_idle, args.max_discards, what, pair)
         cached.append(c)
         cold.append(k)
         busy.append(b)
@@ -501,11 +437,12 @@ async def ttft_cached_vs_cold(engine: Engine, prompts: TtftPrompts, args: argpar
 async def ttft_uncached(engine: Engine, prompts: TtftPrompts, args: argparse.Namespace, gen: int = 8) -> dict[str, Any]:
     """The cached scenario's requests on an engine without prefix caching (cold by construction)."""
     what = f"{engine.name} TTFT"
-    await wait_idle(engine.server, args.wait_idle, what)
+    await benchlib.wait_idle([engine.server.proc.pid], args.wait_idle, what)
     await engine.stream(prompts.warm, 1)
     results, busy, discarded = [], [], 0
     for c in prompts.cached[: args.ttft_runs]:
-        r, b, dropped = await undisturbed(engine, args, what, lambda c=c: engine.stream(c, gen))
+        r, b, dropped = await benchlib.undisturbed([engine.server.proc.pid], args.wait_idle, args.max_discards, what,
+                                                   lambda c=c: engine.stream(c, gen))
         results.append(r)
         busy.append(b)
         discarded += dropped

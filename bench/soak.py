@@ -31,8 +31,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import CACHE_DIR, command_line, machine_info, markdown_table, report  # noqa: E402
-from edge_runtime.models import DEFAULT_MODEL, resolve_model  # noqa: E402
+from benchlib import CACHE_DIR, command_line, machine_info, markdown_table, report
+
+from edge_runtime.models import DEFAULT_MODEL, resolve_model
 
 READY_TIMEOUT_S = 300.0
 MAX_TOKENS = 32
@@ -58,12 +59,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(tmp: Path, model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
-    """(engine, sidecar, base URL, model id), both ready."""
+def start(tmp: Path, model_dir: Path, max_batch: int | None = None,
+          quiet_logs: bool = True) -> tuple[subprocess.Popen, subprocess.Popen, str, str]:
+    """(engine, sidecar, base URL, model id), both ready. Their config sets the socket path and
+    nothing else, but for max_batch when given and, with quiet_logs, warnings only and no
+    access log; the rest is the built-in defaults."""
     config = tmp / "config.toml"
     sock = tmp / "engine.sock"
-    config.write_text(f'[engine]\nsocket_path = "{sock}"\nlog_level = "warning"\nmax_batch = {max_batch}\n\n'
-                      '[proxy]\nlog_level = "warning"\naccess_log = false\n')
+    engine_keys = [f'socket_path = "{sock}"']
+    proxy_keys = []
+    if quiet_logs:
+        engine_keys.append('log_level = "warning"')
+        proxy_keys += ['log_level = "warning"', "access_log = false"]
+    if max_batch is not None:
+        engine_keys.append(f"max_batch = {max_batch}")
+    config.write_text("\n".join(["[engine]", *engine_keys, "", "[proxy]", *proxy_keys, ""]))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp / "notify.sock"))
     notify.settimeout(READY_TIMEOUT_S)
@@ -77,6 +87,12 @@ def start(tmp: Path, model_dir: Path, max_batch: int) -> tuple[subprocess.Popen,
     sidecar = subprocess.Popen([sys.executable, "-m", "proxy.main", "--config", str(config), "--port", str(port)], stderr=logs)
     base = f"http://127.0.0.1:{port}"
     return engine, sidecar, base, asyncio.run(_wait_ready(base))
+
+
+def stop(*children: subprocess.Popen) -> None:
+    for child in children:
+        child.terminate()
+        child.wait(60)
 
 
 async def _wait_ready(base: str) -> str:
@@ -170,9 +186,7 @@ def main() -> None:
             procs = {"engine": psutil.Process(engine.pid), "sidecar": psutil.Process(sidecar.pid)}
             samples, outcomes = asyncio.run(load(base, model, concurrency, args.minutes * 60, args.sample_s, procs))
         finally:
-            for child in (sidecar, engine):
-                child.terminate()
-                child.wait(60)
+            stop(sidecar, engine)
     after_s = warmup_min * 60
     slopes = {f"{name}_{what}": slope(samples, f"{name}_{what}", after_s)
               for name in ("engine", "sidecar") for what in ("rss_mib", "fds")}
@@ -185,12 +199,12 @@ def main() -> None:
     markdown = "\n\n".join([
         f"# Soak: {args.model}, {args.minutes:g} min at saturation through the sidecar",
         f"`{command_line()}`",
-        f"{concurrency} clients back to back (max_batch {args.max_batch}, {MAX_TOKENS} tokens, half streamed): "
+        (f"{concurrency} clients back to back (max_batch {args.max_batch}, {MAX_TOKENS} tokens, half streamed): "
         f"{outcomes['ok']} requests answered 200 ({data['requests_per_s']}/s), {outcomes['failed']} failed. "
-        f"Slope after a {warmup_min:.3g} min warm-up: **{'flat' if flat else 'NOT flat'} within 2%**.",
+        f"Slope after a {warmup_min:.3g} min warm-up: **{'flat' if flat else 'NOT flat'} within 2%**."),
         markdown_table(["series", "min", "max", "per min", "over the window", "change"], rows),
-        f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, load {machine['load_avg_1m_at_start']} "
-        f"at start (other work kept {machine['cpu_busy_at_start']:.0%} of the CPUs busy).",
+        (f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, load {machine['load_avg_1m_at_start']} "
+        f"at start (other work kept {machine['cpu_busy_at_start']:.0%} of the CPUs busy)."),
     ])
     report(args.out, data, markdown)
 
