@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import signal
 import socket
 import statistics
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import benchlib
+from benchlib import proc_cpu_s  # (fleet_bench and proxy_bench import it from here)
 
 from edge_runtime.builder.build import BuildOptions
 
@@ -104,15 +104,6 @@ def sidecar(work: Path, name: str, port: int, socket_path: Path, tracing: str = 
     config.write_text(f'[proxy]\nmodel_aliases = ["bench"]\naccess_log = false\nlog_level = "warning"\n{tracing}')
     return Proc([sys.executable, "-m", "proxy.main", "--config", str(config), "--port", str(port),
                  "--engine-socket", str(socket_path)], work / f"{name}.log")
-
-
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by a running process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def snapshot(procs: list[Proc]) -> benchlib.CpuSnapshot:
