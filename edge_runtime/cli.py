@@ -8,18 +8,19 @@ import argparse
 import sys
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import get_args
 
 from edge_wire.settings import LOG_LEVELS, ConfigError
 
 from .builder.build import DEFAULT_INT8_FORM, FLAVOURS, BuildOptions, build
 from .builder.quantize import INT8_FORMS
 from .builder.spec import ARCHITECTURES
-from .config import DEVICES, load_config
+from .config import DEVICES, KvDtype, load_config
 from .errors import EdgeRuntimeError
 from .sampling import SamplingParams
 
 _SERVE_OVERRIDES = ("model", "socket_path", "max_batch", "max_context", "threads", "device", "queue_size", "kv_cache_mb",
-                    "prefix_cache_mb", "grace_s", "log_level")
+                    "kv_dtype", "prefix_cache_mb", "grace_s", "log_level")
 
 COMMANDS = "edge_runtime.commands"  # entry-point group of the subcommands other packages add
 
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="ort: ONNX Runtime's fused operators (CPU); tensorrt: standard operators with Q/DQ INT8 (docs/jetson.md)")
     b.add_argument("--int8-form", choices=(*INT8_FORMS, "qdq"),
                    help=f"INT8 weight form (default: {DEFAULT_INT8_FORM} for ort; tensorrt takes only qdq)")
-    b.add_argument("--kv-dtype", choices=("fp32", "fp16"), default="fp32", help="KV cache element type (fp16: half the memory, slower on CPU)")
+    b.add_argument("--kv-dtype", choices=get_args(KvDtype), default="fp32", help="KV cache element type (fp16: half the memory, slower on CPU)")
     b.add_argument("--arch", choices=ARCHITECTURES, help="expected architecture (default: read from the checkpoint)")
     b.add_argument("--max-context", type=int)
 
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=DEVICES, help="cpu (default), cuda or tensorrt (docs/jetson.md)")
     s.add_argument("--queue-size", type=int)
     s.add_argument("--kv-cache-mb", type=float)
+    s.add_argument("--kv-dtype", choices=get_args(KvDtype), help="KV cache element type of the model built for the engine")
     s.add_argument("--prefix-cache-mb", type=float)
     s.add_argument("--grace", dest="grace_s", type=float, help="seconds running streams may finish after SIGTERM")
     s.add_argument("--log-level", choices=LOG_LEVELS)

@@ -11,7 +11,14 @@ from typing import Annotated, Literal, get_args
 from msgspec import Meta
 
 from edge_wire.frames import DEFAULT_MAX_FRAME
-from edge_wire.settings import LogLevel, Table, Text, load_table, read_config_file
+from edge_wire.settings import (
+    ConfigError,
+    LogLevel,
+    Table,
+    Text,
+    load_table,
+    read_config_file,
+)
 
 from .errors import EdgeRuntimeError
 
@@ -19,6 +26,7 @@ SOCKET_NAME = "engine.sock"
 
 Device = Literal["cpu", "cuda", "tensorrt"]  # where the model runs; never guessed (backends/providers.py)
 DEVICES: tuple[str, ...] = get_args(Device)
+KvDtype = Literal["fp32", "fp16"]  # the KV cache's element type, a build option (builder/build.py)
 
 # A prefix cached at start: raw prompt text, or {system = "..."} rendered with the chat template.
 WarmupPrompt = Text | Annotated[dict[Literal["system"], Text], Meta(min_length=1)]
@@ -39,6 +47,11 @@ class EngineConfig(Table):
         description="CPU threads (default: ONNX Runtime's choice)", examples=[4])] = None
     device: Annotated[Device, Meta(
         description="where the model runs: cpu, cuda or tensorrt (docs/jetson.md); never guessed")] = "cpu"
+    kv_dtype: Annotated[KvDtype | None, Meta(description=(
+        "KV cache element type of the model built for the engine: fp32 (fastest on the CPU: ONNX Runtime's CPU "
+        "attention converts an fp16 cache every step) or fp16 (half the KV memory per token, llama.cpp's default; "
+        "what CUDA attention wants). Default: the recipe's kv_dtype, else fp32; a built model directory must match it"),
+        examples=["fp16"])] = None
     trt_workspace_mb: Annotated[int, Meta(ge=1, description="TensorRT's scratch memory limit (device tensorrt)")] = 1024
     queue_size: Annotated[int, Meta(ge=1, description="requests waiting for a slot before the engine answers busy")] = 64
     prefill_chunk: Annotated[int, Meta(ge=1, description="prompt tokens prefilled per step")] = 256
@@ -61,6 +74,10 @@ class EngineConfig(Table):
     frame_timeout_s: Annotated[float, Meta(gt=0, description=(
         "a frame begun must be complete within this, or the connection is closed"))] = 10.0
     log_level: Annotated[LogLevel, Meta(description="debug, info, warning or error")] = "info"
+
+    def check(self) -> None:
+        if self.device == "tensorrt" and self.kv_dtype == "fp16":
+            raise ConfigError("kv_dtype: the tensorrt device keeps its KV cache in fp32 (TensorRT picks its own precision)")
 
     def resolved_socket_path(self) -> Path:
         return Path(self.socket_path) if self.socket_path else default_socket_path()

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import tomllib
 
+from edge_wire.settings import ConfigError
+
 from .builder.build import BuildOptions, build
+from .builder.onnx_graph import KV_DTYPES
 from .builder.progress import Progress, terminal
 from .errors import CheckpointError
 from .manifest import read_manifest
@@ -31,6 +34,7 @@ class Recipe:
     arch: str | None = None
     quant: str = "int8"
     max_context: int | None = None
+    kv_dtype: str | None = None  # None: the engine's kv_dtype, else fp32 (see resolve_model)
 
 
 def cache_dir() -> Path:
@@ -56,10 +60,13 @@ def find_recipe(name: str) -> Recipe | None:
         path = directory / f"{name}.toml"
         if path.is_file():
             try:
-                data = tomllib.loads(path.read_text())
-                return Recipe(**data)
+                recipe = Recipe(**tomllib.loads(path.read_text()))
             except (tomllib.TOMLDecodeError, TypeError) as exc:
                 raise CheckpointError(f"{path}: invalid model recipe ({exc})") from None
+            if recipe.kv_dtype is not None and recipe.kv_dtype not in KV_DTYPES:
+                raise CheckpointError(f"{path}: invalid model recipe (kv_dtype {recipe.kv_dtype!r}: "
+                                      f"one of {', '.join(KV_DTYPES)})")
+            return recipe
     return None
 
 
@@ -78,18 +85,28 @@ def resolve_source(source: str) -> Path:
 
 
 def resolve_model(model: str | None = None, quant: str | None = None, quiet: bool = False,
-                  progress: Progress = terminal) -> Path:
+                  progress: Progress = terminal, kv_dtype: str | None = None) -> Path:
     """A built model directory for `model`: a built directory as is; a recipe name, a GGUF file
-    or a Hugging Face directory built into the cache (reused while the source is unchanged)."""
+    or a Hugging Face directory built into the cache (reused while the source is unchanged).
+    The KV cache's element type is `kv_dtype` when given (the engine's setting), else the
+    recipe's, else fp32; a built directory is refused when it differs from a given `kv_dtype`."""
     model = model or DEFAULT_MODEL
     path = Path(model).expanduser()
-    if path.is_dir() and read_manifest(path) is not None:
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        built = manifest.get("kv_dtype", "fp32")  # builds before the option had fp32
+        if kv_dtype is not None and kv_dtype != built:
+            raise ConfigError(f"kv_dtype: {kv_dtype} is set, but the built model {path} has a {built} KV cache "
+                              f"(set kv_dtype = \"{built}\", or rebuild it with `edge-runtime build --kv-dtype {kv_dtype}`)")
         return path
     recipe = find_recipe(model) if not path.exists() else None
     if recipe is None and not path.exists():
         raise CheckpointError(f"{model}: no such model recipe, built model directory or checkpoint")
     if recipe is None:
         recipe = Recipe(name=path.stem, source=str(path.resolve()))
-    options = BuildOptions(quant=quant or recipe.quant, arch=recipe.arch, max_context=recipe.max_context)
-    out_dir = cache_dir() / "models" / f"{recipe.name}-{options.quant}"
+    options = BuildOptions(quant=quant or recipe.quant, arch=recipe.arch, max_context=recipe.max_context,
+                           kv_dtype=kv_dtype or recipe.kv_dtype or "fp32")
+    # Each KV type has its own directory, so switching between them never rebuilds.
+    kv_suffix = "" if options.kv_dtype == "fp32" else f"-kv{options.kv_dtype}"
+    out_dir = cache_dir() / "models" / f"{recipe.name}-{options.quant}{kv_suffix}"
     return build(resolve_source(recipe.source), out_dir, options, quiet=quiet, progress=progress)

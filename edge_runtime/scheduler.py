@@ -185,6 +185,7 @@ class Scheduler:
                 "bytes_allocated": self.backend.kv_bytes_allocated(),
                 "tokens_used": used_tokens,
                 "bytes_used": used_tokens * per_token,
+                "bytes_per_token": per_token,
                 "prefix_bytes": prefix["bytes_used"] if prefix else 0,
                 "budget_bytes": self.kv_budget_bytes,
             },

@@ -561,7 +561,7 @@ def serve(config: EngineConfig) -> int:
     socket_path = config.resolved_socket_path()
     prepare_socket_path(socket_path)  # fail before the slow part if another engine is live
     notify("STATUS=loading model")
-    model_dir = resolve_model(config.model, progress=progress.service)  # the first start builds it: shown
+    model_dir = resolve_model(config.model, progress=progress.service, kv_dtype=config.kv_dtype)  # the first start builds it: shown
     tokenizer = Tokenizer.from_dir(model_dir)  # first: see OnnxRuntimeBackend
     device = plan_device(config, model_dir)
     backend = OnnxRuntimeBackend(model_dir, max_batch=config.max_batch, max_context=config.max_context, threads=config.threads, device=device)
@@ -636,6 +636,7 @@ def model_info(name: str | None, model_dir: Path, backend: Any, tokenizer: Token
         "id": model_id,
         "arch": manifest.get("spec", {}).get("arch"),
         "quantization": manifest.get("quantization"),
+        "kv_dtype": manifest.get("kv_dtype", "fp32"),
         "max_context": backend.max_context,
         "vocab_size": backend.vocab_size,
         "chat_template": tokenizer.chat_template is not None,

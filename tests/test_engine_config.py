@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.cli import _SERVE_OVERRIDES, _parser
 from edge_runtime.client import EngineClient
 from edge_runtime.config import EngineConfig, default_socket_path, load_config
 from edge_runtime.errors import EdgeRuntimeError
@@ -57,6 +58,8 @@ def test_defaults_without_a_file(monkeypatch, tmp_path):
         ("[engine]\nwarmup_prompts = [3]", "warmup_prompts[0]"),
         ("[engine]\nwarmup_prompts = [{ user = \"x\" }]", "warmup_prompts[0]"),
         ("[engine]\nmax_frame_bytes = 10", "max_frame_bytes"),
+        ("[engine]\nkv_dtype = \"int8\"", "kv_dtype: must be one of 'fp32', 'fp16', got 'int8'"),
+        ("[engine]\ndevice = \"tensorrt\"\nkv_dtype = \"fp16\"", "kv_dtype: the tensorrt device keeps its KV cache in fp32"),
         ("engine = 3", "engine must be a table"),
         ("[engine\n", "invalid TOML"),
     ],
@@ -66,6 +69,14 @@ def test_bad_config_names_the_key(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_kv_dtype_is_unset_unless_given_and_the_serve_flag_overrides_it(tmp_path):
+    assert EngineConfig().kv_dtype is None  # unset: the recipe's kv_dtype, else fp32 (models.resolve_model)
+    cfg = load_config(_write(tmp_path, '[engine]\nkv_dtype = "fp16"\n'))
+    assert cfg.kv_dtype == "fp16"
+    args = _parser().parse_args(["serve", "--kv-dtype", "fp32"])
+    assert cfg.with_overrides(**{key: getattr(args, key) for key in _SERVE_OVERRIDES}).kv_dtype == "fp32"
 
 
 def test_overrides_win_and_are_validated():
