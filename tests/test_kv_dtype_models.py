@@ -102,3 +102,11 @@ def test_serve_with_kv_dtype_fp16_answers_from_an_fp16_cache(tiny_checkpoints, t
     fp16 = cache_dir() / "models" / f"{source.name}-int8-kvfp16"
     assert status["kv"]["bytes_per_token"] == _kv_bytes_per_token(fp16)
     assert frames[-1]["type"] == "done" and frames[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_the_kv_type_changes_the_system_fingerprint_only_when_not_fp32():
+    from proxy.http.completions import fingerprint_of
+
+    build = {"source_sha256": "ab" * 32, "quantization": "int8", "arch": "llama"}
+    assert fingerprint_of({**build, "kv_dtype": "fp32"}) == fingerprint_of(build)  # builds before the key
+    assert fingerprint_of({**build, "kv_dtype": "fp16"}) != fingerprint_of(build)

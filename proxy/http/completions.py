@@ -64,11 +64,14 @@ async def _stream(request: web.Request, completion: Completion, fingerprint: str
 
 
 def fingerprint_of(model: dict[str, Any] | None) -> str | None:
-    """`system_fingerprint`: names the model build (checkpoint, quantization, architecture), so
-    that a client sees when the build behind a model id changes; None while it is unknown."""
+    """`system_fingerprint`: names the model build (checkpoint, quantization, architecture, and
+    the KV cache type when it is not the default fp32, so earlier builds keep their fingerprint),
+    so that a client sees when the build behind a model id changes; None while it is unknown."""
     if not model or not model.get("source_sha256"):
         return None
-    return _fingerprint(f"{model.get('source_sha256')}:{model.get('quantization')}:{model.get('arch')}")
+    kv = model.get("kv_dtype", "fp32")
+    build = f"{model.get('source_sha256')}:{model.get('quantization')}:{model.get('arch')}"
+    return _fingerprint(build if kv == "fp32" else f"{build}:kv{kv}")
 
 
 @functools.lru_cache(maxsize=8)
