@@ -53,8 +53,7 @@ def prompt_text(min_chars: int) -> str:
 def build_edge(gguf: Path, options: BuildOptions) -> Path:
     """Our model built from gguf with these options, cached under CACHE_DIR (the builder
     reuses a directory whose manifest matches)."""
-    kv = "" if options.kv_dtype == BuildOptions().kv_dtype else f"-kv{options.kv_dtype}"
-    return build(gguf, CACHE_DIR / "models" / f"{gguf.stem}-{options.graph_quant()}{kv}", options, quiet=True)
+    return build(gguf, CACHE_DIR / "models" / f"{gguf.stem}-{options.graph_quant()}{options.kv_suffix()}", options, quiet=True)
 
 
 def edge_at_ref(ref: str, gguf: Path, tmp: Path) -> tuple[Path, Path, str]:

@@ -106,7 +106,5 @@ def resolve_model(model: str | None = None, quant: str | None = None, quiet: boo
         recipe = Recipe(name=path.stem, source=str(path.resolve()))
     options = BuildOptions(quant=quant or recipe.quant, arch=recipe.arch, max_context=recipe.max_context,
                            kv_dtype=kv_dtype or recipe.kv_dtype or "fp32")
-    # Each KV type has its own directory, so switching between them never rebuilds.
-    kv_suffix = "" if options.kv_dtype == "fp32" else f"-kv{options.kv_dtype}"
-    out_dir = cache_dir() / "models" / f"{recipe.name}-{options.quant}{kv_suffix}"
+    out_dir = cache_dir() / "models" / f"{recipe.name}-{options.quant}{options.kv_suffix()}"
     return build(resolve_source(recipe.source), out_dir, options, quiet=quiet, progress=progress)

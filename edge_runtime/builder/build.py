@@ -53,6 +53,11 @@ class BuildOptions:
     # CPU attention converts it back every step: slower decode (docs/engine-performance.md).
     kv_dtype: str = "fp32"
 
+    def kv_suffix(self) -> str:
+        """What a cached build's directory name adds for a non-default KV type, so builds of
+        each type live side by side and switching between them never rebuilds."""
+        return "" if self.kv_dtype == "fp32" else f"-kv{self.kv_dtype}"
+
     def graph_quant(self) -> str:
         if self.flavour not in FLAVOURS:
             raise CheckpointError(f"unknown graph flavour {self.flavour!r} (known: {', '.join(FLAVOURS)})")
